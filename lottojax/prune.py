@@ -1,0 +1,150 @@
+"""Scores → masks: remove an exact number of the lowest-scoring surviving entries.
+
+Both functions are pure, jittable and vmappable, and masks only shrink: an entry pruned
+once stays pruned. The count is exact: ``n = round(fraction * alive)`` with ``alive`` the
+number of surviving prunable entries, the product taken in float32 and halves rounded to
+even (``numpy.round`` semantics). Ordering is deterministic:
+
+- lower score is pruned first; among equal scores, the lower flat index (C order) first;
+- ``NaN`` scores rank as ``-inf`` (pruned first) and ``+inf`` as the largest, so
+  non-finite scores never change how many entries are removed.
+
+``fraction`` is a float in ``[0, 1)``, or (for :func:`prune_layerwise`) a per-leaf spec: a
+pytree that is a prefix of the parameter tree (``{'fc0': .2, 'fc1': .2, 'output': .1}``)
+or a callable ``(path, leaf) -> float``. Concrete fractions outside ``[0, 1)`` raise;
+traced ones (under ``jit``) are clipped to the alive count, so they still remove an exact,
+well-defined number.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lottojax.masks import PyTree, Spec, check_mask, leaves_with_paths, prunable_flags, resolve_spec
+
+
+def _check_fraction(value, where: str) -> None:
+    try:
+        concrete = np.asarray(value, dtype=np.float64)
+    except (TypeError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return  # traced: clipped in _prune_count
+    if concrete.shape != ():
+        raise ValueError(f"{where} must be a scalar, got shape {concrete.shape}")
+    if not 0.0 <= float(concrete) < 1.0:
+        raise ValueError(
+            f"{where}={float(concrete)} is outside [0, 1): it is the fraction of the *surviving* "
+            "entries to remove this round (0.2 removes 20%). To reach a target density d from "
+            "density d0 in one step, use fraction = 1 - d / d0."
+        )
+
+
+def _prune_count(fraction, alive: jax.Array) -> jax.Array:
+    product = jnp.asarray(fraction, jnp.float32) * alive.astype(jnp.float32)
+    return jnp.clip(jnp.round(product).astype(jnp.int32), 0, alive)
+
+
+def _lowest_alive(scores: jax.Array, alive: jax.Array, count: jax.Array) -> jax.Array:
+    """Bool vector marking the ``count`` lowest-scoring alive entries of flat vectors."""
+    key = jnp.where(jnp.isnan(scores), -jnp.inf, scores).astype(jnp.float32)
+    index = jnp.arange(scores.shape[0], dtype=jnp.int32)
+    # Primary key: dead entries last; then score; then flat index (deterministic ties).
+    order = jnp.lexsort((index, key, ~alive))
+    chosen_in_order = index < count
+    return jnp.zeros_like(alive).at[order].set(chosen_in_order, unique_indices=True)
+
+
+def _check_inputs(scores: PyTree, mask: PyTree) -> None:
+    check_mask(scores, mask, params_name="scores")
+
+
+def prune_layerwise(scores: PyTree, mask: PyTree, fraction, *, prunable: Spec = None) -> PyTree:
+    """Removes ``round(fraction * alive)`` lowest-scoring survivors in every prunable leaf.
+
+    Args:
+      scores: a pytree like the parameters (higher = more important).
+      mask: the current bool mask; the result is a subset of it.
+      fraction: float in ``[0, 1)``, or a per-leaf spec (prefix pytree or
+        ``(path, leaf) -> float``), e.g. the LTH rates ``{'fc0': .2, 'fc1': .2, 'output': .1}``.
+      prunable: which leaves may be pruned (default: ``ndim >= 2``).
+
+    Returns:
+      The new mask, same structure as ``mask``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from lottojax import ones_like, magnitude
+      >>> params = {'w': jnp.array([[0.5, -2.0], [0.1, 3.0]]), 'b': jnp.array([0.01, 9.0])}
+      >>> mask = prune_layerwise(magnitude(params), ones_like(params), 0.5)
+      >>> mask['w'], mask['b']  # the two smallest |w| go; biases are not prunable
+      (Array([[False,  True],
+             [False,  True]], dtype=bool), Array([ True,  True], dtype=bool))
+    """
+    _check_inputs(scores, mask)
+    paths, mask_leaves, treedef = leaves_with_paths(mask)
+    flags = prunable_flags(mask, prunable)
+    fractions = resolve_spec(fraction, mask, name="fraction", default=None)
+    new_leaves = []
+    for path, m, s, flag, frac in zip(paths, mask_leaves, jax.tree.leaves(scores), flags, fractions):
+        if not flag:
+            new_leaves.append(m)
+            continue
+        _check_fraction(frac, f"fraction for {path}")
+        alive = m.reshape(-1)
+        count = _prune_count(frac, jnp.sum(alive, dtype=jnp.int32))
+        removed = _lowest_alive(jnp.asarray(s).reshape(-1), alive, count)
+        new_leaves.append((alive & ~removed).reshape(m.shape))
+    return jax.tree.unflatten(treedef, new_leaves)
+
+
+def prune_global(scores: PyTree, mask: PyTree, fraction, *, prunable: Spec = None) -> PyTree:
+    """Removes ``round(fraction * alive)`` lowest-scoring survivors over all prunable leaves
+    at once (one threshold across layers, as in Frankle et al.'s rewinding experiments).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from lottojax import ones_like
+      >>> scores = {'a': jnp.array([[1., 2.]]), 'b': jnp.array([[3., 0.5], [4., 5.]])}
+      >>> mask = prune_global(scores, ones_like(scores), 0.5)
+      >>> mask['a'], mask['b']  # 3 of 6 go: 0.5, 1 and 2, wherever they are
+      (Array([[False, False]], dtype=bool), Array([[ True, False],
+             [ True,  True]], dtype=bool))
+    """
+    _check_inputs(scores, mask)
+    _check_fraction(fraction, "fraction")
+    _, mask_leaves, treedef = leaves_with_paths(mask)
+    flags = prunable_flags(mask, prunable)
+    if not any(flags):
+        raise ValueError("no leaf of the mask is prunable; pass prunable= to say which are")
+    picked = [i for i, f in enumerate(flags) if f]
+    score_leaves = jax.tree.leaves(scores)
+    alive = jnp.concatenate([mask_leaves[i].reshape(-1) for i in picked])
+    flat_scores = jnp.concatenate([jnp.asarray(score_leaves[i], jnp.float32).reshape(-1) for i in picked])
+    count = _prune_count(fraction, jnp.sum(alive, dtype=jnp.int32))
+    kept = alive & ~_lowest_alive(flat_scores, alive, count)
+    sizes = np.cumsum([mask_leaves[i].size for i in picked])[:-1]
+    new_leaves = list(mask_leaves)
+    for i, part in zip(picked, jnp.split(kept, sizes)):
+        new_leaves[i] = part.reshape(mask_leaves[i].shape)
+    return jax.tree.unflatten(treedef, new_leaves)
+
+
+def rates_by_layer(*, conv: float, dense: float, output: float, output_name: str = "output"):
+    """A per-leaf fraction spec from layer kind, as the LTH paper sets its rates.
+
+    Leaves whose path contains ``output_name`` get ``output``; other leaves with
+    ``ndim >= 3`` (conv kernels) get ``conv``; the rest get ``dense``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> lth = rates_by_layer(conv=0.1, dense=0.2, output=0.1)
+      >>> lth('conv0/kernel', jnp.ones((3, 3, 1, 8))), lth('fc0/kernel', jnp.ones((4, 4))), lth('output/kernel', jnp.ones((4, 2)))
+      (0.1, 0.2, 0.1)
+    """
+
+    def rate(path: str, leaf) -> float:
+        if output_name in path.split("/"):
+            return output
+        return conv if jnp.ndim(leaf) >= 3 else dense
+
+    return rate
