@@ -1,0 +1,118 @@
+"""IMP driver: exact densities per level, controls, vmapped seeds, one compile, resume."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lottojax as lj
+from lottojax.data import Dataset
+from lottojax.imp import run_imp
+from lottojax.models import create
+from lottojax.train import make_trainer
+
+RATES = lj.rates_by_layer(conv=0.1, dense=0.5, output=0.25)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    x = jax.random.normal(jax.random.key(0), (400, 10))
+    y = jnp.argmax(x @ jax.random.normal(jax.random.key(1), (10, 4)), -1)
+    data = Dataset(*(np.asarray(a) for a in (x[:240], y[:240], x[240:320], y[240:320], x[320:], y[320:])))
+    model = create("mlp", input_shape=(10,), hidden=(32,), num_classes=4)
+    trainer = make_trainer(model, optax.chain(optax.adam(5e-3), lj.masked_updates()), batch_size=24, eval_every=10)
+    return trainer, data
+
+
+def imp(setup, **kwargs):
+    trainer, data = setup
+    args = dict(seeds=[0, 1], rounds=2, fraction=RATES, num_steps=40, progress=False)
+    return run_imp(trainer, data, **{**args, **kwargs})
+
+
+def test_levels_have_exact_per_layer_density_and_controls_behave(setup):
+    result = imp(setup)
+    # fc0 kernel 10x32 = 320 at 50%/round; output 32x4 = 128 at 25%/round.
+    expected = [(320 + 128) / 448, (160 + 96) / 448, (80 + 72) / 448]
+    np.testing.assert_allclose(result.density, np.array([expected, expected]).T, rtol=1e-6)
+    assert result.arms == ("ticket", "reinit", "shuffle")
+    # At level 0 the mask is dense: shuffling it changes nothing, so the runs are identical.
+    np.testing.assert_array_equal(result.history.val_loss[0, :, 0], result.history.val_loss[0, :, 2])
+    assert not np.array_equal(result.history.val_loss[0, :, 0], result.history.val_loss[0, :, 1])
+    assert result.history.step[0, 0, 0].tolist() == [10, 20, 30, 40]
+    assert set(np.unique(result.early_stop_step)) <= {10, 20, 30, 40}
+    assert np.all((result.final_accuracy > 0.3) & (result.final_accuracy <= 1.0))
+
+
+def test_vmapped_seeds_match_a_single_seed_run(setup):
+    both = imp(setup, seeds=[0, 1])
+    alone = imp(setup, seeds=[1])
+    np.testing.assert_array_equal(both.density[:, 1], alone.density[:, 0])
+    np.testing.assert_allclose(both.history.val_loss[:, 1], alone.history.val_loss[:, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_all_levels_share_one_compiled_program(setup):
+    trainer, data = setup
+    traces = []
+
+    def counting_train(*args, **kwargs):
+        traces.append(1)
+        return trainer.train(*args, **kwargs)
+
+    counted = trainer._replace(train=counting_train)
+    after_each_level = []
+    run_imp(counted, data, seeds=[0, 1], rounds=3, fraction=RATES, num_steps=20, progress=False,
+            on_level=lambda level, _: after_each_level.append(len(traces)))
+    assert after_each_level[0] >= 1
+    assert after_each_level == [after_each_level[0]] * 4, "a later level traced the training again"
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(setup, tmp_path):
+    full = imp(setup, checkpoint_dir=str(tmp_path / "full"))
+
+    def crash_after_level_1(level, _):
+        if level == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        imp(setup, checkpoint_dir=str(tmp_path / "killed"), on_level=crash_after_level_1)
+    resumed_levels = []
+    resumed = imp(setup, checkpoint_dir=str(tmp_path / "killed"), on_level=lambda level, _: resumed_levels.append(level))
+    assert resumed_levels == [2], "levels 0 and 1 come from the checkpoint"
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_checkpoint_of_other_settings_is_refused(setup, tmp_path):
+    imp(setup, rounds=0, checkpoint_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="other settings"):
+        imp(setup, rounds=0, num_steps=30, checkpoint_dir=str(tmp_path))
+
+
+def test_one_shot_global_prunes_dense_weights_to_each_level(setup):
+    result = imp(setup, scope="global", fraction=0.3, one_shot=True, rounds=3, controls=())
+    total = 448
+    for level in range(4):
+        kept = total - int(np.round(np.float32(1 - 0.7**level) * np.float32(total)))
+        np.testing.assert_allclose(result.density[level], kept / total, rtol=1e-6)
+    assert result.arms == ("ticket",)
+
+
+def test_rewind_step_trains_from_k(setup):
+    result = imp(setup, rewind_step=15, rounds=1)
+    assert result.history.step[0, 0, 0].tolist() == [25, 35, 40]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(controls=("reinit", "lottery")), "controls"),
+        (dict(scope="per-neuron"), "scope"),
+        (dict(rewind_step=40), "rewind_step"),
+        (dict(fraction=1.0), r"outside \[0, 1\)"),
+        (dict(scope="global", fraction=RATES), "one float"),
+    ],
+)
+def test_bad_arguments_are_named(setup, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        imp(setup, **kwargs)
