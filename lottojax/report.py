@@ -74,6 +74,9 @@ def plot_imp(result: IMPResult, path: str, *, title: str = "") -> None:
             ax.errorbar(density, values[:, :, a].mean(1), yerr=values[:, :, a].std(1), marker="o",
                         markersize=3, capsize=3, label=arm)
         ax.set_xscale("log")
+        ticks = [t for t in (100, 50, 20, 10, 5, 2, 1, 0.5) if density.min() * 0.9 <= t <= 100]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.invert_xaxis()
         ax.set_xlabel("weights remaining (%)")
         ax.set_ylabel(label)
