@@ -37,7 +37,13 @@ comparison interleaved. Every timed JAX call is blocked on.
    masks of both sides (same task, same work).
 
 Prints the table and writes every figure (per-repeat seconds included) to
-``<--out>/benchmarks/foundation.json``.
+``<--out>/benchmarks/foundation.json``. Per case: the median per unit of work, the
+fastest and slowest repeat, and "cores busy" (process CPU seconds per wall second: how
+much of the machine the case used). Per comparison: the ratio of the medians (the
+figure compared with the target), its range over the interleaved repeats, and the ratio
+of median CPU times, which moves less when other processes share the cores. On a busy
+machine, run with more ``--repeats``; PyTorch's OpenMP threads spin-wait, so with other
+processes on the cores ``--torch-threads`` above 1 can make PyTorch many times slower.
 """
 from __future__ import annotations
 
@@ -79,7 +85,7 @@ class FoundationConfig:
     seeds: int = 8  # comparison 3
     seed_steps: int = 100  # comparison 3: steps per seed
     imp_steps: int = 1000  # comparison 4: training steps of the round
-    repeats: int = 5
+    repeats: int = 7
     warmup: int = 1
     torch: bool = True  # --no-torch skips comparison 4
     torch_threads: Optional[int] = None  # default: the cores this process may use (XLA's CPU thread pool size)
