@@ -1,0 +1,69 @@
+"""The benchmark scripts run end to end at tiny sizes (a smoke test: no timing is asserted).
+
+Speed is measured by running ``experiments/benchmarks/*.py``, never here; this only keeps
+them from rotting and checks the figures that show both sides of a comparison did the
+same work.
+"""
+import doctest
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
+TINY = ["--dataset", "synthetic", "--synthetic-examples", "600", "--repeats", "1", "--warmup", "0",
+        "--step-steps", "10", "--seed-steps", "10", "--imp-steps", "10", "--seeds", "2", "--torch-threads", "1"]
+
+
+@pytest.fixture
+def benchmarks(monkeypatch):
+    """The benchmark folder's modules, imported as the scripts import each other."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("timing"), importlib.import_module("foundation")
+
+
+def test_docstring_examples_of_the_benchmark_modules(benchmarks):
+    for module in benchmarks:
+        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0, module.__name__
+
+
+def test_interleaved_rejects_a_setup_without_its_callable(benchmarks):
+    timing, _ = benchmarks
+    with pytest.raises(ValueError, match="setups"):
+        timing.interleaved({"a": lambda: None}, repeats=1, setups={"b": lambda: ()})
+
+
+def test_torch_comparison_is_skipped_with_the_install_hint_when_torch_is_missing(benchmarks, monkeypatch):
+    _, foundation = benchmarks
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
+    torch, reason = foundation.import_torch(True)
+    assert torch is None and 'pip install -e ".[torch]"' in reason
+
+
+def test_foundation_runs_end_to_end_and_both_sides_do_the_same_work(benchmarks, tmp_path, capsys):
+    _, foundation = benchmarks
+    record = foundation.main([*TINY, "--out", str(tmp_path)])
+
+    assert json.loads((tmp_path / "benchmarks" / "foundation.json").read_text()) == json.loads(json.dumps(record))
+    table = capsys.readouterr().out
+    comparisons = {c["title"][0]: c for c in record["comparisons"]}
+    torch_ran = record["machine"]["torch"] is not None
+    assert sorted(comparisons) == ["1", "2", "3", "4"][: 4 if torch_ran else 3]
+    for c in comparisons.values():
+        assert c["ratio"]["value"] > 0 and c["ratio"]["name"] in table
+        assert all(case["repeats"] == 1 for case in c["cases"].values())
+    assert comparisons["1"]["ratio"]["target"] == "<= 1.02"
+    # the Python loop trains on exactly the scanned epoch's batches; vmapped seeds equal single runs
+    assert comparisons["2"]["checks"]["max |loss difference| over the epoch"] < 1e-5
+    assert comparisons["3"]["checks"]["max |loss difference| vmapped vs per seed"] < 1e-5
+    if not torch_ran:
+        assert "PyTorch is not installed" in record["torch_comparison"] and "[torch]" in table
+        return
+    checks = comparisons["4"]["checks"]
+    jax_density, torch_density = checks["kernel density after pruning (lottojax, PyTorch)"]
+    assert jax_density == torch_density == pytest.approx(1 - (0.2 * (235200 + 30000) + 0.1 * 1000) / 266200, abs=1e-6)
+    assert checks["fraction of new-mask entries where both agree"] > 0.99
+    assert checks["|trained weight difference| (median, max)"][0] < 1e-5
