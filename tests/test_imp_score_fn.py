@@ -34,18 +34,14 @@ def anti_magnitude(params):
     return jax.tree.map(lambda a: -jnp.abs(a), params)
 
 
-def test_another_score_prunes_differently(setup):
-    default = imp(setup)
-    anti = imp(setup, score_fn=anti_magnitude)
+def test_another_score_prunes_differently_and_checkpoints_tell_them_apart(setup, tmp_path):
+    default = imp(setup, checkpoint_dir=str(tmp_path / "magnitude"))
+    anti = imp(setup, score_fn=anti_magnitude, checkpoint_dir=str(tmp_path / "anti"))
     np.testing.assert_array_equal(anti.density, default.density)  # same counts...
     np.testing.assert_array_equal(anti.history.val_loss[0], default.history.val_loss[0])  # same dense level
     assert not np.allclose(anti.history.val_loss[1], default.history.val_loss[1])  # ...other weights
-
-
-def test_checkpoint_refuses_another_score_fn(setup, tmp_path):
-    imp(setup, rounds=0, checkpoint_dir=str(tmp_path))
     with pytest.raises(ValueError, match="score_fn"):
-        imp(setup, rounds=0, score_fn=anti_magnitude, checkpoint_dir=str(tmp_path))
+        imp(setup, score_fn=anti_magnitude, checkpoint_dir=str(tmp_path / "magnitude"))
 
 
 def test_run_signature_is_stable_and_tells_settings_apart():

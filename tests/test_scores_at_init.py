@@ -169,21 +169,29 @@ def test_iterative_synflow_avoids_the_layer_collapse_of_one_shot_magnitude():
     assert paths > 0 and all(k > 0 for _, k in _kept(by_synflow))
 
 
+def deep_mlp(params, x):
+    """A bias-free ReLU MLP of square layers stacked on the first axis (one scan: cheap to compile)."""
+    hidden, _ = jax.lax.scan(lambda h, w: (jax.nn.relu(h @ w), None), x, params["hidden"])
+    return hidden @ params["output"]
+
+
 def test_synflow_float64_fixes_float32_overflow_on_a_deep_net():
     depth, width = 24, 64  # each layer multiplies R by ~ 64 E|N(0, 1)| = 51: R ~ 1e41
-    keys = jax.random.split(jax.random.key(8), depth)
-    params = {f"fc{i:02d}": {"kernel": jax.random.normal(k, (width, width))} for i, k in enumerate(keys)}
-    scores32 = jax.jit(lambda p: lj.synflow(p, apply_fn=mlp, input_shape=(width,)))(params)
-    assert not np.isfinite(float(scores32["fc00"]["kernel"].sum()))
+    params = {"hidden": jax.random.normal(jax.random.key(8), (depth, width, width)),
+              "output": jax.random.normal(jax.random.key(9), (width, 1))}
+    scores32 = jax.jit(lambda p: lj.synflow(p, apply_fn=deep_mlp, input_shape=(width,)))(params)
+    assert not np.isfinite(float(scores32["output"].sum()))
     with pytest.raises(ValueError, match="jax_enable_x64"):
-        lj.synflow(params, apply_fn=mlp, input_shape=(width,), dtype=jnp.float64)
+        lj.synflow(params, apply_fn=deep_mlp, input_shape=(width,), dtype=jnp.float64)
     with jax.enable_x64(True):
-        scores64 = jax.jit(lambda p: lj.synflow(p, apply_fn=mlp, input_shape=(width,), dtype=jnp.float64))(params)
-        sums = np.array([float(s["kernel"].sum()) for s in scores64.values()])
+        scores64 = jax.jit(lambda p: lj.synflow(p, apply_fn=deep_mlp, input_shape=(width,), dtype=jnp.float64))(params)
+        sums = np.array([*np.asarray(scores64["hidden"]).sum(axis=(1, 2)), float(scores64["output"].sum())])
         assert np.all(np.isfinite(sums)) and sums[0] > 1e38
-        np.testing.assert_allclose(sums, sums[0], rtol=1e-9)  # conservation in float64
-        mask = lj.synflow_mask(params, apply_fn=mlp, input_shape=(width,), density=0.1, rounds=3, dtype=jnp.float64)
-        assert sum(int(m["kernel"].sum()) for m in mask.values()) == round(np.float32(0.1) * depth * width * width)
+        np.testing.assert_allclose(sums, sums[0], rtol=1e-9)  # conservation, in float64
+        mask = jax.jit(lambda p: lj.synflow_mask(p, apply_fn=deep_mlp, input_shape=(width,), density=0.1, rounds=3,
+                                                 dtype=jnp.float64))(params)
+        total = depth * width * width + width
+        assert int(mask["hidden"].sum() + mask["output"].sum()) == round(np.float32(0.1) * total)
 
 
 def test_each_score_compiles_once_and_vmapped_seeds_equal_each_seed():
