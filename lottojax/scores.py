@@ -55,10 +55,6 @@ def random_scores(params: PyTree, *, key: jax.Array) -> PyTree:
     )
 
 
-def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-
-
 def _mean_loss(apply_fn: ApplyFn, loss: Loss, batch, temperature=1.0) -> Callable[[PyTree], jax.Array]:
     x, y = _unpack_batch(batch)
     return lambda params: jnp.mean(loss(apply_fn(params, x) / temperature, y))
@@ -88,7 +84,7 @@ def snip(
     *,
     apply_fn: ApplyFn,
     batch,
-    loss: Loss = _cross_entropy,
+    loss: Loss = optax.softmax_cross_entropy_with_integer_labels,
     prunable: Spec = None,
 ) -> PyTree:
     """SNIP connection sensitivity (Lee et al. 2019): ``|g ⊙ θ| / Σ|g ⊙ θ|``.
@@ -129,7 +125,7 @@ def grasp(
     apply_fn: ApplyFn,
     batch,
     temperature: float = 200.0,
-    loss: Loss = _cross_entropy,
+    loss: Loss = optax.softmax_cross_entropy_with_integer_labels,
     prunable: Spec = None,
 ) -> PyTree:
     """GraSP (Wang et al. 2020), signed so that removing the *lowest* does the paper's thing.
@@ -245,10 +241,11 @@ def synflow(params: PyTree, *, apply_fn: Callable[[PyTree, jax.Array], jax.Array
     statistics are (0, 1), so BatchNorm is the affine map ``|γ| x + |β|`` up to ``1/√(1+ε)``.
 
     Overflow: ``R`` grows geometrically with depth (each layer multiplies it by about
-    ``√fan_in`` at He/Glorot init). In float32 (max 3.4e38) this is fine for MLPs, the
-    conv nets and ResNet-20, but deep nets (ResNet-56 and beyond) overflow to ``inf``; check
-    ``jnp.isfinite`` of the scores, or compute in float64 as the paper does:
-    ``dtype=jnp.float64`` with 64-bit JAX enabled (``jax.enable_x64``).
+    ``√fan_in`` at He/Glorot init). In float32 (max 3.4e38) this is fine for the MLPs and
+    conv nets of :mod:`lottojax.models`, VGG-16 (``R`` ≈ 5e16 at init on CIFAR-shaped input)
+    and ResNet-20 (≈ 1.5e25), but ResNet-32 and deeper overflow to ``inf``: check
+    ``jnp.isfinite`` of the scores, or compute in float64 as the paper does,
+    ``dtype=jnp.float64`` with 64-bit JAX enabled (``with jax.enable_x64(True):``).
 
     Args:
       params: the parameters (masked, for a pruned net).
