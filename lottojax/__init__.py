@@ -3,11 +3,13 @@
 Masks are bool pytrees shaped like the parameters; scoring, pruning and rewinding are pure,
 jittable, vmappable functions; an optax transform keeps pruned weights at exactly zero.
 """
+from lottojax.distributions import densities_to_fractions, erk, layer_densities
 from lottojax.masks import apply_mask, check_mask, density, format_report, layer_report, ones_like, sparsity
 from lottojax.optim import MaskedUpdatesState, get_mask, masked_updates, set_mask
 from lottojax.prune import prune_global, prune_layerwise, rates_by_layer
 from lottojax.rewind import random_reinit, rewind, shuffle_mask
-from lottojax.scores import magnitude, random_scores
+from lottojax.scores import class_balanced_sample, grasp, magnitude, random_scores, snip, synflow, synflow_mask
+from lottojax.structured import prune_channels, prune_nm
 
 __version__ = "0.1.0"
 
@@ -15,20 +17,30 @@ __all__ = [
     "MaskedUpdatesState",
     "apply_mask",
     "check_mask",
+    "class_balanced_sample",
+    "densities_to_fractions",
     "density",
+    "erk",
     "format_report",
     "get_mask",
+    "grasp",
+    "layer_densities",
     "layer_report",
     "magnitude",
     "masked_updates",
     "ones_like",
+    "prune_channels",
     "prune_global",
     "prune_layerwise",
+    "prune_nm",
     "random_reinit",
     "random_scores",
     "rates_by_layer",
     "rewind",
     "set_mask",
     "shuffle_mask",
+    "snip",
     "sparsity",
+    "synflow",
+    "synflow_mask",
 ]

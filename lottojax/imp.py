@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from functools import partial
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -106,7 +107,7 @@ def _arm_start(arm: str, rewind_state: TrainState, mask: PyTree, trainer: Traine
     return _with_mask(rewind_state, rewind_state.params, shuffled)
 
 
-def _make_level(trainer: Trainer, arms, *, scope, prunable, rewind_step, num_steps, one_shot):
+def _make_level(trainer: Trainer, arms, *, scope, prunable, rewind_step, num_steps, one_shot, score_fn):
     """The compiled program of one level for one seed (vmapped over seeds by the caller)."""
     prune = prune_global if scope == "global" else prune_layerwise
 
@@ -118,9 +119,9 @@ def _make_level(trainer: Trainer, arms, *, scope, prunable, rewind_step, num_ste
         ticket_params = _take(final.params, 0)
         dense_params = jax.tree.map(lambda d, t: jnp.where(level == 0, t, d), dense_params, ticket_params)
         if one_shot:
-            next_mask = prune(magnitude(dense_params), ones_like(mask), fractions, prunable=prunable)
+            next_mask = prune(score_fn(dense_params), ones_like(mask), fractions, prunable=prunable)
         else:
-            next_mask = prune(magnitude(ticket_params), mask, fractions, prunable=prunable)
+            next_mask = prune(score_fn(ticket_params), mask, fractions, prunable=prunable)
         es_step, es_accuracy = early_stop(history)
         record = dict(
             density=density(mask, prunable),
@@ -134,15 +135,34 @@ def _make_level(trainer: Trainer, arms, *, scope, prunable, rewind_step, num_ste
     return level_one_seed
 
 
-def _run_signature(**settings) -> dict:
-    def jsonable(v):
-        try:
-            json.dumps(v)
-            return v
-        except TypeError:
-            return repr(v)
+def _describe(value, depth: int = 0):
+    """A JSON value that stays the same across processes: callables by module, name and
+    the values they close over (no memory addresses), other objects by their repr.
 
-    return {k: jsonable(v) for k, v in settings.items()}
+    Examples:
+      >>> from lottojax.prune import rates_by_layer
+      >>> _describe(rates_by_layer(conv=0.1, dense=0.2, output=0.1))
+      {'callable': 'lottojax.prune.rates_by_layer.<locals>.rate', 'closure': [0.1, 0.2, 0.1, 'output']}
+    """
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        pass
+    if isinstance(value, partial) and depth < 3:
+        return {"partial": _describe(value.func, depth + 1), "args": [_describe(a, depth + 1) for a in value.args],
+                "keywords": {k: _describe(v, depth + 1) for k, v in sorted(value.keywords.items())}}
+    if callable(value) and hasattr(value, "__qualname__"):
+        name = f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+        cells = getattr(value, "__closure__", None) or ()
+        if not cells or depth >= 3:
+            return name
+        return {"callable": name, "closure": [_describe(c.cell_contents, depth + 1) for c in cells]}
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
+
+
+def _run_signature(**settings) -> dict:
+    return {k: _describe(v) for k, v in settings.items()}
 
 
 def run_imp(
@@ -158,6 +178,7 @@ def run_imp(
     one_shot: bool = False,
     controls: Sequence[str] = CONTROLS,
     prunable: Spec = None,
+    score_fn: Callable[[PyTree], PyTree] = magnitude,
     checkpoint_dir: Optional[str] = None,
     progress: bool = True,
     on_level: Optional[Callable[[int, IMPResult], None]] = None,
@@ -178,6 +199,10 @@ def run_imp(
       one_shot: prune the dense weights straight to each level's density.
       controls: any of ``('reinit', 'shuffle')``.
       prunable: which leaves may be pruned (default ``ndim >= 2``).
+      score_fn: ``params -> scores`` used to prune the trained weights at every level
+        (higher = keep); default :func:`lottojax.magnitude` (IMP proper). Close over
+        anything else it needs, e.g. ``lambda p: lj.snip(p, apply_fn=..., batch=...)``.
+        It is traced inside the compiled level, so it must be jittable.
       checkpoint_dir: save after each level; resume from there.
       progress: show a progress bar over levels.
       on_level: called with ``(level, result_so_far)`` after each level is saved.
@@ -212,7 +237,8 @@ def run_imp(
     prune_layerwise(magnitude(one_params), ones_like(one_params), fractions_at(1), prunable=prunable)  # validates
 
     level_one_seed = _make_level(
-        trainer, arms, scope=scope, prunable=prunable, rewind_step=rewind_step, num_steps=num_steps, one_shot=one_shot
+        trainer, arms, scope=scope, prunable=prunable, rewind_step=rewind_step, num_steps=num_steps,
+        one_shot=one_shot, score_fn=score_fn,
     )
     level_fn = jax.jit(jax.vmap(level_one_seed, in_axes=(0, 0, 0, None, None, None, 0, 0)))
 
@@ -226,7 +252,8 @@ def run_imp(
     record_shape = jax.eval_shape(level_fn, *level_args(carry, 0))[0]
     carry["results"] = jax.tree.map(lambda s: np.full((levels, *s.shape), -1 if s.dtype == jnp.int32 else np.nan, s.dtype), record_shape)
     signature = _run_signature(seeds=list(seeds), rounds=rounds, fraction=fraction, num_steps=num_steps, scope=scope,
-                               rewind_step=rewind_step, one_shot=one_shot, controls=list(controls))
+                               rewind_step=rewind_step, one_shot=one_shot, controls=list(controls),
+                               **({} if score_fn is magnitude else {"score_fn": score_fn}))
     manager = _checkpoints(checkpoint_dir, signature)
     if manager is not None and manager.latest_step() is not None:
         carry = _restore(manager, carry)

@@ -1,0 +1,76 @@
+"""The pruning-at-init experiment end to end on a tiny budget: matched densities, one θ0
+per seed shared with IMP, connectivity, outputs, resume."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lottojax.models import create
+from lottojax.prune_at_init import PruneAtInitConfig, input_output_paths, prune_at_init_table, run_prune_at_init
+
+# Three methods cover the three ways of building a mask (per-layer ERK fractions, one
+# global score, the traced SynFlow schedule); snip/grasp differ only in the score, tested
+# in test_scores_at_init.py.
+METHODS_RUN = ("random-erk", "magnitude", "synflow")
+TINY = PruneAtInitConfig(num_steps=20, eval_every=10, levels=(1, 3), seeds=2, synflow_rounds=4, methods=METHODS_RUN)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("runs"))
+    summary, workdir = run_prune_at_init(TINY, root, progress=False)
+    return root, summary, workdir
+
+
+def test_every_method_matches_the_imp_density_exactly(run):
+    _, summary, _ = run
+    total = 40 * 300 + 300 * 100 + 100 * 10
+    for row, level in zip(summary["compared"], TINY.levels):
+        kept = imp_kept(total, level)
+        assert round(row["density"] * total) == kept
+        assert set(row["methods"]) == set(METHODS_RUN)
+        for method, r in row["methods"].items():
+            if method != "random-erk":  # ERK rounds per layer: within one weight per layer
+                assert r["density"]["per_seed"] == [kept / total] * 2, method
+            assert abs(r["density"]["mean"] * total - kept) <= 3
+            assert len(r["early_stop_accuracy"]["per_seed"]) == 2 and r["disconnected_seeds"] == 0
+
+
+def imp_kept(total: int, level: int) -> int:
+    """Global IMP at 20% per round: each round removes round(0.2 * alive) (float32)."""
+    alive = total
+    for _ in range(level):
+        alive -= int(np.round(np.float32(0.2) * np.float32(alive)))
+    return alive
+
+
+def test_outputs_are_written_and_a_second_call_resumes(run):
+    root, summary, workdir = run
+    for name in ("config.json", "results.json", "results.npz", "prune_at_init.png", "method-synflow.npz"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    with open(os.path.join(workdir, "results.json")) as f:
+        assert json.load(f)["compared"] == summary["compared"]
+    stamps = {m: os.path.getmtime(os.path.join(workdir, f"method-{m}.npz")) for m in METHODS_RUN}
+    again, same_dir = run_prune_at_init(TINY, root, progress=False)
+    assert same_dir == workdir and again["compared"] == summary["compared"]
+    assert stamps == {m: os.path.getmtime(os.path.join(workdir, f"method-{m}.npz")) for m in METHODS_RUN}
+    table = prune_at_init_table(summary)
+    assert table.splitlines()[0].split() == ["density", "|", "imp", *METHODS_RUN]
+
+
+def test_input_output_paths_count_and_detect_collapse():
+    model = create("mlp", input_shape=(40,))
+    params, state = jax.eval_shape(model.init, jax.random.key(0))
+    dense = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
+    paths = jax.jit(lambda mask: input_output_paths(model, mask, state, (40,)))
+    assert float(paths(dense)) == 40 * 300 * 100 * 10
+    cut = dict(dense, fc1={"kernel": jnp.zeros((300, 100), bool), "bias": dense["fc1"]["bias"]})
+    assert float(paths(cut)) == 0.0
+
+
+def test_unknown_method_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"methods \['snap'\] unknown"):
+        run_prune_at_init(PruneAtInitConfig(methods=("snap",)), str(tmp_path))
