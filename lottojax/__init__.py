@@ -8,16 +8,21 @@ from lottojax.optim import MaskedUpdatesState, get_mask, masked_updates, set_mas
 from lottojax.prune import prune_global, prune_layerwise, rates_by_layer
 from lottojax.rewind import random_reinit, rewind, shuffle_mask
 from lottojax.scores import magnitude, random_scores
+from lottojax.stability import LinearPath, error_barrier, instability, interpolate, recompute_batch_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LinearPath",
     "MaskedUpdatesState",
     "apply_mask",
     "check_mask",
     "density",
+    "error_barrier",
     "format_report",
     "get_mask",
+    "instability",
+    "interpolate",
     "layer_report",
     "magnitude",
     "masked_updates",
@@ -27,6 +32,7 @@ __all__ = [
     "random_reinit",
     "random_scores",
     "rates_by_layer",
+    "recompute_batch_stats",
     "rewind",
     "set_mask",
     "shuffle_mask",

@@ -17,17 +17,21 @@ between them does not rise. The tools, all pure and jittable:
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from lottojax.masks import PyTree, apply_mask, check_same_shapes
-from lottojax.models.core import Model
 from lottojax.optim import set_mask
-from lottojax.train import Metrics, Trainer, TrainState
 
-Evaluate = Callable[[PyTree, PyTree, jax.Array, jax.Array], Metrics]
+if TYPE_CHECKING:  # annotations only: importing this module does not import Flax
+    from lottojax.models.core import Model
+    from lottojax.train import Trainer, TrainState
+
+#: ``(params, model_state, x, y) -> Metrics`` (anything with ``.loss`` and ``.accuracy``).
+Evaluate = Callable[[PyTree, PyTree, jax.Array, jax.Array], Any]
+#: ``(params, model_state) -> model_state``.
 Recompute = Callable[[PyTree, PyTree], PyTree]
 
 
