@@ -2,7 +2,7 @@
 
     python experiments/stability.py                    # both nets on MNIST-1D, 5 seeds
     python experiments/stability.py --net cnn1d        # only the CNN1D (BatchNorm, SGD+momentum)
-    python experiments/stability.py --net mlp --seeds 8 --rewind-steps 0 10 100
+    python experiments/stability.py --net mlp --seeds 8 --rewind-steps 0 10 100 --num-steps 2000
 
 --net picks the setting (mlp: MLP 40-300-100-10 with Adam; cnn1d: CNN1D with BatchNorm and
 SGD with momentum; both: the two in turn); every other flag overrides a field of that

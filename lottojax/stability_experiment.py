@@ -57,12 +57,13 @@ class StabilityConfig:
     validation: Optional[int] = None  # None: the loader's default (500 for MNIST-1D)
     optimizer: str = "adam"
     learning_rate: float = 1.2e-3
+    lr_drops: tuple[float, ...] = ()  # fractions of num_steps where the learning rate is multiplied by 0.1
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 60
     num_steps: int = 1500
     eval_every: int = 100
-    rewind_steps: tuple[int, ...] = (0, 5, 25, 100)
+    rewind_steps: tuple[int, ...] = (0, 5, 25)
     seeds: int = 5
     num_points: int = 30
     rounds: int = 4
@@ -74,14 +75,21 @@ class StabilityConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CNN1DStabilityConfig(StabilityConfig):
-    """The BatchNorm net: CNN1D with 16 channels per convolution, SGD with momentum 0.9 at
-    learning rate 0.2, batch 128, 800 steps (29 epochs); its output layer is not pruned,
-    so the density is that of the convolutions."""
+    """The BatchNorm net: CNN1D with 32 channels per convolution, SGD with momentum 0.9 at
+    learning rate 0.2, divided by 10 at 50% and 75% of training (the shape of the ResNet-20
+    schedule of Frankle et al.), batch 128, 800 steps (29 epochs); its output layer is not
+    pruned, so the density is that of the convolutions.
+
+    The schedule counts the optimizer's own steps, so the copies and the IMP ticket,
+    which start from ``θ_k``'s optimizer state, follow it exactly; the random-reinit
+    control starts a fresh optimizer at step ``k``, so its drops come ``k`` steps later.
+    """
 
     model: str = "cnn1d"
-    widths: tuple[int, ...] = (16, 16, 16)
+    widths: tuple[int, ...] = (32, 32, 32)
     optimizer: str = "momentum"
     learning_rate: float = 0.2
+    lr_drops: tuple[float, ...] = (0.5, 0.75)
     batch_size: int = 128
     num_steps: int = 800
     prune_output: bool = False
@@ -138,6 +146,8 @@ def _check(config: StabilityConfig) -> None:
     if config.widths and config.model not in WIDTH_ARGUMENT:
         raise ValueError(f"widths={config.widths} is not supported for model={config.model!r}; pass --widths "
                          f"with no value (the model's defaults) or use one of {sorted(WIDTH_ARGUMENT)}")
+    if any(not 0 < f < 1 for f in config.lr_drops) or len(set(config.lr_drops)) != len(config.lr_drops):
+        raise ValueError(f"lr_drops={config.lr_drops} must be distinct fractions of training in (0, 1)")
     if config.seeds < 1 or config.rounds < 1 or config.stats_batches < 1:
         raise ValueError(f"seeds={config.seeds}, rounds={config.rounds} and stats_batches={config.stats_batches} "
                          "must be positive")
@@ -148,6 +158,22 @@ def _model(config: StabilityConfig, data):
 
     kwargs = {WIDTH_ARGUMENT[config.model]: tuple(config.widths)} if config.widths else {}
     return create(config.model, input_shape=data.input_shape, num_classes=data.num_classes, **kwargs)
+
+
+def _learning_rate(config: StabilityConfig):
+    """A float, or a step schedule dividing by 10 at each of ``config.lr_drops``.
+
+    Examples:
+      >>> schedule = _learning_rate(StabilityConfig(learning_rate=0.2, lr_drops=(0.5, 0.75), num_steps=800))
+      >>> [round(float(schedule(step)), 4) for step in (0, 399, 400, 599, 600)]
+      [0.2, 0.2, 0.02, 0.02, 0.002]
+    """
+    if not config.lr_drops:
+        return config.learning_rate
+    import optax
+
+    boundaries = {int(round(f * config.num_steps)): 0.1 for f in config.lr_drops}
+    return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
 
 
 def _prunable(config: StabilityConfig):
@@ -221,7 +247,7 @@ def run_stability(config: StabilityConfig, root: str = "runs", *, progress: bool
     workdir = run_directory(root, "stability", config)
     data = jax.device_put(load_dataset(config.dataset, data_dir=config.data_dir, validation=config.validation))
     model = _model(config, data)
-    optimizer = make_optimizer(config.optimizer, config.learning_rate, momentum=config.momentum,
+    optimizer = make_optimizer(config.optimizer, _learning_rate(config), momentum=config.momentum,
                                weight_decay=config.weight_decay)
     trainer = make_trainer(model, optimizer, batch_size=config.batch_size, eval_every=config.eval_every)
 
@@ -310,48 +336,64 @@ def stability_summary(result: StabilityResult) -> list[dict]:
 
 
 def plot_stability(result: StabilityResult, path: str, *, title: str = "") -> None:
-    """Saves four panels: test error along the path for each ``k`` (dense; IMP subnetwork),
-    error barrier vs ``k``, and accuracy at the final density vs ``k`` for each IMP arm
-    against the dense network (mean ± std over seeds)."""
+    """Saves six panels (mean ± std over seeds): test error along the path for each ``k``
+    (dense; IMP subnetwork), error barrier vs ``k``, accuracy at the final density vs
+    ``k`` for each IMP arm against the dense network, and accuracy vs density at every IMP
+    level for each ``k`` (the ticket; the controls)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.4))
+    axes = axes.ravel()
+    ks = np.asarray(result.rewind_steps)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, errors, name in ((axes[0], result.dense_error, "dense"), (axes[1], result.sparse_error, "IMP subnetwork")):
-        for i, k in enumerate(result.rewind_steps):
+        for i, k in enumerate(ks):
             mean, std = 100 * errors[i].mean(0), 100 * errors[i].std(0)
-            line, = ax.plot(result.alpha, mean, label=f"k = {k}")
-            ax.fill_between(result.alpha, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+            ax.plot(result.alpha, mean, color=colors[i % len(colors)], label=f"k = {k}")
+            ax.fill_between(result.alpha, mean - std, mean + std, color=colors[i % len(colors)], alpha=0.15)
         ax.set_xlabel("interpolation α")
         ax.set_ylabel("test error (%)")
         ax.set_title(f"{name}: error along the path")
-        ax.legend(fontsize=8)
-    ks = np.asarray(result.rewind_steps)
     for barrier, name in ((result.dense_barrier, "dense"), (result.sparse_barrier, "IMP subnetwork")):
         axes[2].errorbar(ks, 100 * barrier.mean(1), yerr=100 * barrier.std(1), marker="o", capsize=3, label=name)
     axes[2].axhline(2, color="gray", linestyle="--", linewidth=1, label="2% (stable below)")
     axes[2].set_ylabel("error barrier (%)")
     axes[2].set_title("instability vs rewind step")
-    density = 100 * result.density.mean()
     for a, arm in enumerate(result.arms):
         acc = 100 * result.imp_accuracy[:, :, a]
         axes[3].errorbar(ks, acc.mean(1), yerr=acc.std(1), marker="o", capsize=3, label=arm)
     dense = 100 * result.dense_accuracy
     axes[3].errorbar(ks, dense.mean(1), yerr=dense.std(1), color="black", linestyle="--", capsize=3, label="dense")
     axes[3].set_ylabel("final test accuracy (%)")
-    axes[3].set_title(f"IMP at {density:.1f}% density vs rewind step")
-    for ax in axes[2:]:
+    axes[3].set_title(f"IMP at {100 * result.density.mean():.1f}% density vs rewind step")
+    for ax in axes[2:4]:
         ax.set_xscale("symlog", linthresh=max(1, int(ks[ks > 0].min())) if (ks > 0).any() else 1)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
         ax.set_xlabel("rewind step k")
-        ax.legend(fontsize=8)
+    styles = {"ticket": "-", "reinit": "--", "shuffle": ":"}
+    for ax, arms in ((axes[4], ("ticket",)), (axes[5], result.arms[1:])):
+        for i, k in enumerate(ks):
+            for arm in arms:
+                acc = 100 * result.level_accuracy[i, :, :, result.arms.index(arm)]
+                ax.errorbar(100 * result.level_density[i].mean(1), acc.mean(1), yerr=acc.std(1), capsize=2,
+                            marker="o", markersize=3, color=colors[i % len(colors)], linestyle=styles.get(arm, "-"),
+                            label=f"{arm}, k = {k}")
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        ax.set_xlabel("weights remaining (%)")
+        ax.set_ylabel("final test accuracy (%)")
+        ax.set_title("IMP " + " and ".join(arms) + " at every level")
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

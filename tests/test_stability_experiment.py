@@ -1,5 +1,7 @@
 """The rewind-step sweep: results of a tiny run, resume after a kill, the thin main."""
 import json
+import runpy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,8 +30,7 @@ def idx_dir(tmp_path):
 
 
 def test_killed_sweep_resumes_at_the_next_rewind_step_through_the_main(idx_dir, tmp_path, monkeypatch, capsys):
-    from experiments.stability import main
-
+    main = runpy.run_path(str(Path(__file__).parents[1] / "experiments" / "stability.py"))["main"]
     config = StabilityConfig(data_dir=idx_dir, **FLAGS)
     compute, records = sweep._one_rewind_step, []
 
