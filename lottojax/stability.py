@@ -98,12 +98,13 @@ def recompute_batch_stats(model: Model, params: PyTree, model_state: PyTree, bat
 
     Each floating-point leaf of the model state is replaced by the equal-weight average,
     over the batches, of the batch statistic that a train-mode forward pass feeds into
-    it (per-batch mean and biased variance for BatchNorm). The statistic is read through
-    the running-average update ``s' = μ s + (1 − μ) b`` whatever the momentum μ: a pass
-    from state 0 gives ``(1 − μ) b``, a pass from state 1 gives ``μ + (1 − μ) b``.
-    Leaves a train-mode pass does not average this way (integers, counters, constants)
-    keep their value from ``model_state``. This is PyTorch's ``update_bn``; models
-    without state return it unchanged.
+    it (per-batch mean and variance, as the model computes them, for BatchNorm): what
+    PyTorch's ``update_bn`` does. The statistic is read through the running-average
+    update ``s' = μ s + (1 − μ) b`` whatever the momentum μ: a pass from state 0 gives
+    ``(1 − μ) b``; one from a large power of two ``S`` gives ``μ S + (1 − μ) b``, hence μ
+    to float precision. Leaves a train-mode pass does not average this way (integers,
+    counters, constants) keep their value from ``model_state``; models without state
+    return it unchanged. Costs one train-mode forward pass per batch, plus one.
 
     Args:
       model: a :class:`lottojax.models.Model`.
@@ -130,21 +131,26 @@ def recompute_batch_stats(model: Model, params: PyTree, model_state: PyTree, bat
     if jnp.ndim(batches) < 2:
         raise ValueError(f"batches has shape {jnp.shape(batches)}; expected (num_batches, batch_size, ...)")
 
+    floating = lambda leaf: jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+    # S = 2^(maxexp/4) (2^32 for float32): μ S is exact and swamps (1 - μ) b.
+    large = jax.tree.map(lambda s: 2.0 ** (jnp.finfo(s.dtype).maxexp // 4) if floating(s) else 0, model_state)
+
     def updated_from(fill, x):
-        start = jax.tree.map(lambda s: jnp.full_like(s, fill), model_state)
+        start = jax.tree.map(lambda s, f: jnp.full_like(s, f), model_state, fill)
         return model.apply(params, start, x, True)[1]
 
-    from_zero = jax.lax.map(partial(updated_from, 0), batches)  # (1 - μ) b per batch
-    from_one = updated_from(1, batches[0])  # μ + (1 - μ) b
+    zeros = jax.tree.map(lambda _: 0, model_state)
+    from_zero = jax.lax.map(partial(updated_from, zeros), batches)  # (1 - μ) b, per batch
+    from_large = updated_from(large, batches[0])  # μ S + (1 - μ) b
 
-    def estimate(old, zero, one):
-        if not jnp.issubdtype(jnp.result_type(old), jnp.floating):
+    def estimate(old, zero, big, scale):
+        if not floating(old):
             return old
-        keep = 1 - (one - zero[0])  # 1 - μ: 0 where training leaves the entry at its start value
-        averaged = jnp.mean(zero, axis=0) / jnp.where(keep > 0, keep, 1)
-        return jnp.where(keep > 1e-6, averaged, old)
+        weight = 1 - (big - zero[0]) / scale  # 1 - μ: 0 where training leaves the entry at its start
+        averaged = jnp.mean(zero, axis=0) / jnp.where(weight > 0, weight, 1)
+        return jnp.where(weight > 1e-6, averaged, old)
 
-    return jax.tree.map(estimate, model_state, from_zero, from_one)
+    return jax.tree.map(estimate, model_state, from_zero, from_large, large)
 
 
 def _path_metrics(evaluate, recompute, params_a, params_b, state_a, state_b, x, y, alpha):

@@ -84,6 +84,7 @@ def test_killed_sweep_resumes_at_the_next_rewind_step_through_the_main(idx_dir, 
         (dict(rewind_steps=(5, 5)), "distinct"),
         (dict(model="vgg11", widths=(8,)), "widths"),
         (dict(seeds=0), "seeds"),
+        (dict(lr_drops=(0.5, 1.0)), "lr_drops"),
     ],
 )
 def test_bad_configs_are_named_before_any_work(change, message, tmp_path):
