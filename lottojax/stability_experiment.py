@@ -11,6 +11,8 @@ it the same way. For each ``k`` in ``config.rewind_steps``, for all seeds at onc
    same two data orders, and the test error along the segment between them
    (:func:`lottojax.stability.instability`, BatchNorm statistics recomputed at each
    point). Both networks of all seeds, both copies each, train in one vmapped program.
+   ``θ_k`` is IMP's rewind point (keys from :func:`lottojax.imp.run_keys`); the copies'
+   data orders come from ``fold_in(key(seed), 3)``, a stream IMP does not use.
 
 It writes into ``<root>/stability-<config hash>/``: ``config.json``, ``results.json``
 (per ``k``: mean, std and per-seed values), ``results.npz`` (every array, the curves
