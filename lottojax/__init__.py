@@ -9,11 +9,13 @@ from lottojax.optim import MaskedUpdatesState, get_mask, masked_updates, set_mas
 from lottojax.prune import prune_global, prune_layerwise, rates_by_layer
 from lottojax.rewind import random_reinit, rewind, shuffle_mask
 from lottojax.scores import class_balanced_sample, grasp, magnitude, random_scores, snip, synflow, synflow_mask
+from lottojax.stability import LinearPath, error_barrier, instability, interpolate, recompute_batch_stats
 from lottojax.structured import prune_channels, prune_nm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LinearPath",
     "MaskedUpdatesState",
     "apply_mask",
     "check_mask",
@@ -21,9 +23,12 @@ __all__ = [
     "densities_to_fractions",
     "density",
     "erk",
+    "error_barrier",
     "format_report",
     "get_mask",
     "grasp",
+    "instability",
+    "interpolate",
     "layer_densities",
     "layer_report",
     "magnitude",
@@ -36,6 +41,7 @@ __all__ = [
     "random_reinit",
     "random_scores",
     "rates_by_layer",
+    "recompute_batch_stats",
     "rewind",
     "set_mask",
     "shuffle_mask",

@@ -50,6 +50,8 @@ class IMPResult(NamedTuple):
       early_stop_step: ``(levels, seeds, arms)`` step of minimum validation loss.
       early_stop_accuracy: ``(levels, seeds, arms)`` test accuracy at that step.
       history: a :class:`lottojax.train.History` with leaves ``(levels, seeds, arms, evals)``.
+      mask: the ticket mask trained at the last level, leaves ``(seeds, *param shape)``
+        (the ``shuffle`` control's mask is its per-layer permutation).
     """
 
     arms: tuple[str, ...]
@@ -59,6 +61,7 @@ class IMPResult(NamedTuple):
     early_stop_step: np.ndarray
     early_stop_accuracy: np.ndarray
     history: History
+    mask: Optional[PyTree] = None
 
 
 def level_fraction(per_round: float, level: int, one_shot: bool) -> float:
@@ -70,6 +73,20 @@ def level_fraction(per_round: float, level: int, one_shot: bool) -> float:
       (0.2, 0.488)
     """
     return 1.0 - (1.0 - per_round) ** level if one_shot else per_round
+
+
+def run_keys(seeds: Sequence[int]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The keys :func:`run_imp` derives from each seed: ``(init, data order, controls)``,
+    each of shape ``(len(seeds),)``; ``θ_k`` of seed ``s`` is ``trainer.init(init[s])``
+    trained ``k`` steps with key ``data[s]``.
+
+    Examples:
+      >>> init, data, control = run_keys([0, 1, 2])
+      >>> init.shape, bool((jax.random.key_data(init) != jax.random.key_data(data)).any())
+      ((3,), True)
+    """
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    return tuple(jax.vmap(jax.random.fold_in, (0, None))(keys, i) for i in range(3))
 
 
 def _fraction_tree(fraction: Spec, params: PyTree, prunable: Spec, level: int, one_shot: bool) -> PyTree:
@@ -225,8 +242,7 @@ def run_imp(
     seeds = tuple(int(s) for s in seeds)
     data = jax.device_put(data)
 
-    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-    init_keys, data_keys, control_keys = (jax.vmap(jax.random.fold_in, (0, None))(keys, i) for i in range(3))
+    init_keys, data_keys, control_keys = run_keys(seeds)
     init_state = jax.jit(jax.vmap(lambda k: trainer.init(k)))(init_keys)
     one_params = _take(init_state.params, 0)
     fractions_at = lambda level: _fraction_tree(fraction, one_params, prunable, level, one_shot)
@@ -248,7 +264,8 @@ def run_imp(
         carry["rewind_state"], carry["mask"], carry["dense_params"], fractions_at(level + 1),
         jnp.int32(level), data, data_keys, control_keys,
     )
-    carry = dict(level=np.array(0, np.int32), mask=masks, dense_params=init_state.params, rewind_state=init_state)
+    carry = dict(level=np.array(0, np.int32), mask=masks, trained_mask=masks, dense_params=init_state.params,
+                 rewind_state=init_state)
     record_shape = jax.eval_shape(level_fn, *level_args(carry, 0))[0]
     carry["results"] = jax.tree.map(lambda s: np.full((levels, *s.shape), -1 if s.dtype == jnp.int32 else np.nan, s.dtype), record_shape)
     signature = _run_signature(seeds=list(seeds), rounds=rounds, fraction=fraction, num_steps=num_steps, scope=scope,
@@ -266,10 +283,11 @@ def run_imp(
         record, next_mask, dense_params = level_fn(*level_args(carry, level))
         for store, value in zip(jax.tree.leaves(carry["results"]), jax.tree.leaves(jax.device_get(record))):
             store[level] = value
-        carry.update(level=np.array(level + 1, np.int32), mask=next_mask, dense_params=dense_params)
+        carry.update(level=np.array(level + 1, np.int32), mask=next_mask, trained_mask=carry["mask"],
+                     dense_params=dense_params)
         if manager is not None:
             _save(manager, level + 1, carry)
-        result = _as_result(carry["results"], arms, seeds, level + 1)
+        result = _as_result(carry, arms, seeds, level + 1)
         if bar is not None:
             bar.set_postfix(density=f"{result.density[-1].mean():.3f}", ticket=f"{result.early_stop_accuracy[-1, :, 0].mean():.3f}")
             bar.update()
@@ -277,7 +295,7 @@ def run_imp(
             on_level(level, result)
     if bar is not None:
         bar.close()
-    return _as_result(carry["results"], arms, seeds, levels)
+    return _as_result(carry, arms, seeds, levels)
 
 
 def _checkpoints(directory: Optional[str], signature: dict):
@@ -319,9 +337,10 @@ def _restore(manager, carry: dict) -> dict:
     return restored
 
 
-def _as_result(results: dict, arms, seeds, levels: int) -> IMPResult:
-    done = jax.tree.map(lambda x: x[:levels], results)
-    return IMPResult(arms=arms, seeds=seeds, history=done.pop("history"), **done)
+def _as_result(carry: dict, arms, seeds, levels: int) -> IMPResult:
+    done = jax.tree.map(lambda x: x[:levels], carry["results"])
+    mask = jax.tree.map(np.asarray, carry["trained_mask"])
+    return IMPResult(arms=arms, seeds=seeds, history=done.pop("history"), mask=mask, **done)
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -42,6 +42,10 @@ def test_levels_have_exact_per_layer_density_and_controls_behave(setup):
     assert result.history.step[0, 0, 0].tolist() == [10, 20, 30, 40]
     assert set(np.unique(result.early_stop_step)) <= {10, 20, 30, 40}
     assert np.all((result.final_accuracy > 0.3) & (result.final_accuracy <= 1.0))
+    # The returned mask is the one trained at the last level, per seed.
+    for seed in range(2):
+        mask = jax.tree.map(lambda m: m[seed], result.mask)
+        assert float(lj.density(mask)) == pytest.approx(result.density[-1, seed])
 
 
 def test_vmapped_seeds_match_a_single_seed_run(setup):

@@ -25,6 +25,8 @@ from lottojax.models import (
     create,
     from_linen,
 )
+from lottojax.models.cnn1d import PatchConv1D
+from lottojax.models.layers import he_normal
 
 CIFAR = (32, 32, 3)
 KEY = jax.random.key(0)
@@ -433,3 +435,14 @@ def test_cnn1d_can_fit_a_small_batch(cnn1d):
     assert losses[-1] < 0.2 * losses[0]
     accuracy = (model.apply(params, state, x, False)[0].argmax(-1) == y).mean()
     assert accuracy > 0.9
+
+
+@pytest.mark.parametrize("length,size,stride,c_in", [(40, 5, 2, 1), (20, 5, 2, 3), (5, 5, 2, 4), (7, 3, 1, 2), (9, 4, 3, 2)])
+def test_patch_conv_matches_native_convolution(length, size, stride, c_in):
+    x = jax.random.normal(jax.random.key(0), (3, length, c_in))
+    native = nn.Conv(6, (size,), strides=(stride,), padding="SAME", use_bias=False, kernel_init=he_normal)
+    variables = native.init(jax.random.key(1), x)
+    patch = PatchConv1D(6, size, stride)
+    # Same parameter tree and initial values from the same key, same outputs.
+    jax.tree.map(np.testing.assert_array_equal, patch.init(jax.random.key(1), x), variables)
+    np.testing.assert_allclose(patch.apply(variables, x), native.apply(variables, x), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,92 @@
+"""The rewind-step sweep: results of a tiny run, resume after a kill, the thin main."""
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lottojax.stability_experiment as sweep
+from lottojax.stability_experiment import StabilityConfig, run_stability
+
+FLAGS = dict(dataset="idx", validation=20, widths=(8,), batch_size=20, num_steps=12, eval_every=6,
+             rewind_steps=(0, 4), seeds=2, num_points=3, rounds=1, prune_rate=0.5, stats_batches=2)
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    """A learnable MNIST-format dataset: 4x4 images whose brightest of the first 3 pixels is the label."""
+    x = np.random.default_rng(0).integers(0, 256, (300, 4, 4))
+    y = x[:, 0, :3].argmax(1)
+    for name, array in (("train-images-idx3-ubyte", x[:240]), ("train-labels-idx1-ubyte", y[:240]),
+                        ("t10k-images-idx3-ubyte", x[240:]), ("t10k-labels-idx1-ubyte", y[240:])):
+        write_idx(tmp_path / name, array)
+    return str(tmp_path)
+
+
+def test_killed_sweep_resumes_at_the_next_rewind_step_through_the_main(idx_dir, tmp_path, monkeypatch, capsys):
+    main = runpy.run_path(str(Path(__file__).parents[1] / "experiments" / "stability.py"))["main"]
+    config = StabilityConfig(data_dir=idx_dir, **FLAGS)
+    compute, records = sweep._one_rewind_step, []
+
+    def crash_at_second_k(config, trainer, model, data, k, workdir, progress):
+        if records:
+            raise KeyboardInterrupt
+        records.append(compute(config, trainer, model, data, k, workdir, progress))
+        return records[-1]
+
+    monkeypatch.setattr(sweep, "_one_rewind_step", crash_at_second_k)
+    with pytest.raises(KeyboardInterrupt):
+        run_stability(config, str(tmp_path / "runs"), progress=False)
+
+    computed = []
+    monkeypatch.setattr(sweep, "_one_rewind_step", lambda *args: computed.append(args[4]) or compute(*args))
+    flags = [f"--{k.replace('_', '-')}" for k in FLAGS]
+    argv = ["--net", "mlp", "--data-dir", idx_dir, "--out", str(tmp_path / "runs")]
+    for flag, value in zip(flags, FLAGS.values()):
+        argv += [flag, *map(str, value)] if isinstance(value, tuple) else [flag, str(value)]
+    main(argv)
+    assert computed == [4], "k = 0 came from the checkpoint"
+    assert "dense barrier" in capsys.readouterr().out
+
+    result, workdir = run_stability(config, str(tmp_path / "runs"), progress=False)  # all done: only reads
+    assert computed == [4]
+    np.testing.assert_array_equal(result.dense_barrier[0], records[0]["dense_barrier"])
+    np.testing.assert_array_equal(result.imp_accuracy[0], records[0]["imp_accuracy"])
+
+    # What the tiny run measured has the documented shapes and meaning.
+    assert result.rewind_steps.tolist() == [0, 4] and result.arms == ("ticket", "reinit", "shuffle")
+    np.testing.assert_allclose(result.alpha, [0, 0.5, 1])
+    assert result.dense_error.shape == result.sparse_loss.shape == (2, 2, 3)
+    for errors, barrier in ((result.dense_error, result.dense_barrier), (result.sparse_error, result.sparse_barrier)):
+        np.testing.assert_allclose(barrier, errors.max(-1) - errors[..., [0, -1]].mean(-1), atol=1e-6)
+        assert np.all(barrier >= 0)
+    kernels = 16 * 8 + 8 * 3  # fc0 and output of the MLP 16-8-3
+    np.testing.assert_allclose(result.density, np.round(0.5 * kernels) / kernels)
+    np.testing.assert_allclose(result.level_density[:, 0], 1.0)
+    assert result.imp_accuracy.shape == (2, 2, 3) and np.all((result.imp_accuracy >= 0) & (result.imp_accuracy <= 1))
+    np.testing.assert_array_equal(result.dense_accuracy, result.level_accuracy[:, 0, :, 0])
+    summary = json.load(open(f"{workdir}/results.json"))
+    assert [row["rewind_step"] for row in summary["rewind_steps"]] == [0, 4]
+    assert set(np.load(f"{workdir}/results.npz")) >= {"dense_error", "sparse_barrier", "imp_accuracy", "arms"}
+    assert (tmp_path / "runs" / workdir.split("/")[-1] / "stability.png").exists()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(rewind_steps=(0, 1500)), "rewind_steps"),
+        (dict(rewind_steps=(5, 5)), "distinct"),
+        (dict(model="vgg11", widths=(8,)), "widths"),
+        (dict(seeds=0), "seeds"),
+        (dict(lr_drops=(0.5, 1.0)), "lr_drops"),
+    ],
+)
+def test_bad_configs_are_named_before_any_work(change, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        run_stability(StabilityConfig(**change), str(tmp_path))
