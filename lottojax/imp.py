@@ -34,6 +34,7 @@ from lottojax.optim import set_mask
 from lottojax.prune import prune_global, prune_layerwise
 from lottojax.rewind import shuffle_mask
 from lottojax.scores import magnitude
+from lottojax.seeds import Devices, device_count, gather, map_seeds, pad_seeds, put_seeded
 from lottojax.train import History, Trainer, TrainState, early_stop
 
 CONTROLS = ("reinit", "shuffle")
@@ -196,6 +197,8 @@ def run_imp(
     controls: Sequence[str] = CONTROLS,
     prunable: Spec = None,
     score_fn: Callable[[PyTree], PyTree] = magnitude,
+    seed_strategy: str = "vmap",
+    devices: Devices = None,
     checkpoint_dir: Optional[str] = None,
     progress: bool = True,
     on_level: Optional[Callable[[int, IMPResult], None]] = None,
@@ -220,6 +223,12 @@ def run_imp(
         (higher = keep); default :func:`lottojax.magnitude` (IMP proper). Close over
         anything else it needs, e.g. ``lambda p: lj.snip(p, apply_fn=..., batch=...)``.
         It is traced inside the compiled level, so it must be jittable.
+      seed_strategy: ``'vmap'`` (one batched program) or ``'map'`` (seeds one after
+        another in one program: bitwise the per-seed results); see :mod:`lottojax.seeds`.
+      devices: split the seeds across devices: ``'all'`` (every device of every process,
+        after ``jax.distributed.initialize()`` on multi-host), a list of devices or a
+        :class:`jax.sharding.Mesh`. Seeds are padded to a multiple of the device count
+        (extra runs are dropped). ``None``: the default device.
       checkpoint_dir: save after each level; resume from there.
       progress: show a progress bar over levels.
       on_level: called with ``(level, result_so_far)`` after each level is saved.
@@ -240,11 +249,14 @@ def run_imp(
         raise ValueError(f"rounds={rounds} must be >= 0 and seeds={seeds} non-empty")
     arms = ("ticket", *controls)
     seeds = tuple(int(s) for s in seeds)
-    data = jax.device_put(data)
+    slots = pad_seeds(seeds, device_count(devices))
+    data = put_seeded(data, devices, stacked=False)
+    over_seeds = lambda fn, in_axes: jax.jit(map_seeds(fn, in_axes=in_axes, strategy=seed_strategy, devices=devices))
 
-    init_keys, data_keys, control_keys = run_keys(seeds)
-    init_state = jax.jit(jax.vmap(lambda k: trainer.init(k)))(init_keys)
-    one_params = _take(init_state.params, 0)
+    init_keys, data_keys, control_keys = put_seeded(run_keys(slots), devices, stacked=True)
+    init_state = over_seeds(lambda k: trainer.init(k), (0,))(init_keys)
+    shapes = jax.eval_shape(trainer.init, jax.random.key(0)).params
+    one_params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)  # for paths and shapes
     fractions_at = lambda level: _fraction_tree(fraction, one_params, prunable, level, one_shot)
     if scope == "global":
         if callable(fraction) or jax.tree.structure(fraction).num_leaves != 1:
@@ -256,13 +268,13 @@ def run_imp(
         trainer, arms, scope=scope, prunable=prunable, rewind_step=rewind_step, num_steps=num_steps,
         one_shot=one_shot, score_fn=score_fn,
     )
-    level_fn = jax.jit(jax.vmap(level_one_seed, in_axes=(0, 0, 0, None, None, None, 0, 0)))
+    level_fn = over_seeds(level_one_seed, (0, 0, 0, None, None, None, 0, 0))
 
     levels = rounds + 1
-    masks = jax.vmap(ones_like)(init_state.params)
+    masks = over_seeds(ones_like, (0,))(init_state.params)
     level_args = lambda carry, level: (
         carry["rewind_state"], carry["mask"], carry["dense_params"], fractions_at(level + 1),
-        jnp.int32(level), data, data_keys, control_keys,
+        np.int32(level), data, data_keys, control_keys,
     )
     carry = dict(level=np.array(0, np.int32), mask=masks, trained_mask=masks, dense_params=init_state.params,
                  rewind_state=init_state)
@@ -270,24 +282,25 @@ def run_imp(
     carry["results"] = jax.tree.map(lambda s: np.full((levels, *s.shape), -1 if s.dtype == jnp.int32 else np.nan, s.dtype), record_shape)
     signature = _run_signature(seeds=list(seeds), rounds=rounds, fraction=fraction, num_steps=num_steps, scope=scope,
                                rewind_step=rewind_step, one_shot=one_shot, controls=list(controls),
-                               **({} if score_fn is magnitude else {"score_fn": score_fn}))
+                               **({} if score_fn is magnitude else {"score_fn": score_fn}),
+                               **({} if slots == seeds else {"seed_slots": len(slots)}))
     manager = _checkpoints(checkpoint_dir, signature)
     if manager is not None and manager.latest_step() is not None:
         carry = _restore(manager, carry)
     elif rewind_step > 0:
-        to_k = jax.jit(jax.vmap(partial(trainer.run_steps, start=0, num_steps=rewind_step), in_axes=(0, None, 0)))
+        to_k = over_seeds(partial(trainer.run_steps, start=0, num_steps=rewind_step), (0, None, 0))
         carry["rewind_state"], _ = to_k(init_state, data, data_keys)
 
     bar = _progress(levels, int(carry["level"]), progress)
     for level in range(int(carry["level"]), levels):
         record, next_mask, dense_params = level_fn(*level_args(carry, level))
-        for store, value in zip(jax.tree.leaves(carry["results"]), jax.tree.leaves(jax.device_get(record))):
+        for store, value in zip(jax.tree.leaves(carry["results"]), jax.tree.leaves(gather(record))):
             store[level] = value
         carry.update(level=np.array(level + 1, np.int32), mask=next_mask, trained_mask=carry["mask"],
                      dense_params=dense_params)
         if manager is not None:
             _save(manager, level + 1, carry)
-        result = _as_result(carry, arms, seeds, level + 1)
+        result = _as_result(carry, arms, seeds, level + 1, with_mask=False)
         if bar is not None:
             bar.set_postfix(density=f"{result.density[-1].mean():.3f}", ticket=f"{result.early_stop_accuracy[-1, :, 0].mean():.3f}")
             bar.update()
@@ -295,7 +308,7 @@ def run_imp(
             on_level(level, result)
     if bar is not None:
         bar.close()
-    return _as_result(carry, arms, seeds, levels)
+    return _as_result(carry, arms, seeds, levels, with_mask=True)
 
 
 def _checkpoints(directory: Optional[str], signature: dict):
@@ -337,9 +350,10 @@ def _restore(manager, carry: dict) -> dict:
     return restored
 
 
-def _as_result(carry: dict, arms, seeds, levels: int) -> IMPResult:
-    done = jax.tree.map(lambda x: x[:levels], carry["results"])
-    mask = jax.tree.map(np.asarray, carry["trained_mask"])
+def _as_result(carry: dict, arms, seeds, levels: int, *, with_mask: bool) -> IMPResult:
+    n = len(seeds)
+    done = jax.tree.map(lambda x: x[:levels, :n], carry["results"])
+    mask = jax.tree.map(lambda m: np.asarray(m)[:n], gather(carry["trained_mask"])) if with_mask else None
     return IMPResult(arms=arms, seeds=seeds, history=done.pop("history"), mask=mask, **done)
 
 
