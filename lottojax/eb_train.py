@@ -18,7 +18,7 @@ ticket (no detection), so all three count epochs and data order identically.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -229,15 +229,13 @@ def make_epoch_loop(
     return EpochLoop(init, run, detect if detector is not None else None)
 
 
-class StepCost(NamedTuple):
-    """The cost of one training step of one network (one seed)."""
+def compiled_step(trainer: Trainer, state: TrainState, data, batch_size: int) -> tuple[float, Callable[[], Any]]:
+    """One training step of one network, compiled ahead of time.
 
-    flops: float  # from XLA's cost analysis of the compiled step
-    seconds: float  # median wall time of the compiled step over repeats, after a warm-up
-
-
-def step_cost(trainer: Trainer, state: TrainState, data, batch_size: int, *, repeats: int = 5) -> StepCost:
-    """FLOPs (XLA's cost analysis) and median wall time of one compiled training step.
+    Returns:
+      ``(flops, run)``: the step's FLOPs from XLA's cost analysis, and a zero-argument
+      function that runs the compiled step on the first minibatch (for timing, e.g. with
+      :func:`interleaved_medians`).
 
     Examples:
       >>> import optax
@@ -247,21 +245,35 @@ def step_cost(trainer: Trainer, state: TrainState, data, batch_size: int, *, rep
       >>> x = jnp.zeros((8, 40)); y = jnp.zeros(8, jnp.int32)
       >>> trainer = make_trainer(create('mlp', input_shape=(40,), hidden=(16,)), optax.sgd(0.1),
       ...                        batch_size=8, eval_every=1)
-      >>> cost = step_cost(trainer, trainer.init(jax.random.key(0)), Dataset(x, y, x, y, x, y), 8)
-      >>> cost.flops > 2 * 2 * 8 * (40 * 16 + 16 * 10), cost.seconds > 0  # forward and weight gradients, at least
-      (True, True)
+      >>> flops, run = compiled_step(trainer, trainer.init(jax.random.key(0)), Dataset(x, y, x, y, x, y), 8)
+      >>> flops > 2 * 2 * 8 * (40 * 16 + 16 * 10)  # forward and weight gradients, at least
+      True
+    """
+    batch = (data.x_train[:batch_size], data.y_train[:batch_size])
+    compiled = jax.jit(trainer.step).lower(state, *batch).compile()
+    return float(_cost(compiled)["flops"]), lambda: compiled(state, *batch)
+
+
+def interleaved_medians(functions: Sequence[Callable[[], Any]], *, repeats: int = 7) -> list[float]:
+    """Median wall time of each zero-argument function, timed round-robin after a warm-up call
+    of each, so that a change of machine load affects all of them alike.
+
+    Examples:
+      >>> fast, slow = interleaved_medians([lambda: jnp.ones(3), lambda: jnp.ones((300, 300)) @ jnp.ones((300, 300))])
+      >>> fast < slow
+      True
     """
     import time
 
-    batch = (data.x_train[:batch_size], data.y_train[:batch_size])
-    compiled = jax.jit(trainer.step).lower(state, *batch).compile()
-    jax.block_until_ready(compiled(state, *batch))
-    times = []
+    for function in functions:
+        jax.block_until_ready(function())
+    times = [[] for _ in functions]
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(state, *batch))
-        times.append(time.perf_counter() - start)
-    return StepCost(float(_cost(compiled)["flops"]), float(np.median(times)))
+        for function, record in zip(functions, times):
+            start = time.perf_counter()
+            jax.block_until_ready(function())
+            record.append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
 
 
 def _cost(compiled) -> dict:

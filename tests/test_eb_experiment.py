@@ -38,7 +38,8 @@ def test_cifar10_vgg_pipeline_on_mock_data_and_resume(tmp_path):
     assert again["ratios"]["0.5"]["eb_epoch"] == row["eb_epoch"]
     for mode in ("continue", "reinit"):
         assert again["ratios"]["0.5"]["modes"][mode]["test_accuracy"] == row["modes"][mode]["test_accuracy"]
-    assert summary["dense"]["step_flops"] > 0 and summary["dense"]["step_seconds"] > 0 and summary["search"]["detection_flops_per_epoch"] > 0
+    assert summary["dense"]["step_flops"] > 0 and summary["search"]["detection_flops_per_epoch"] > 0
+    assert row["modes"]["continue"]["step_time_ratio"]["mean"] > 0
     distances = np.load(os.path.join(workdir, "results.npz"))["distance_matrix"]
     assert distances.shape == (1, 1, 3, 3) and np.all(np.diagonal(distances, axis1=2, axis2=3) == 0)
     assert "0.5" in eb_table(summary)

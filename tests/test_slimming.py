@@ -16,7 +16,7 @@ from lottojax.train import make_trainer
 NETS = {
     "cnn1d": dict(name="cnn1d", input_shape=(24,), channels=(6, 5, 7)),
     "vgg11": dict(name="vgg11", input_shape=(16, 16, 3), widths=(4, 6, 8, 8, 5, 8, 6, 7)),
-    "resnet": dict(name="resnet20", input_shape=(8, 8, 3), stage_sizes=(2, 1, 1)),
+    "resnet": dict(name="resnet20", input_shape=(8, 8, 3), stage_sizes=(1, 1, 1)),  # identity and projection shortcuts
     "preresnet": dict(name="resnet20", input_shape=(8, 8, 3), stage_sizes=(1, 1, 1), pre_activation=True),
 }
 
@@ -56,21 +56,27 @@ def test_shrunk_network_computes_the_masked_full_network(net):
     def outputs(params, state, x):
         small_params, small_state = shrink(plan, params), {c: shrink(plan, t) for c, t in state.items()}
         masked = zero_channels(params, mask)
-        out = {"unmasked": model.apply(params, state, x, False)[0], "small": (small_params, small_state)}
-        for train in (False, True):
+        out = {"small": (small_params, small_state)}
+        for mode, train in (("eval", False), ("train", True)):
             full, full_state = model.apply(masked, state, x, train)
             cut, cut_state = small.apply(small_params, small_state, x, train)
-            out[train] = (full, cut, {c: shrink(plan, t) for c, t in full_state.items()}, cut_state)
+            out[mode] = (full, cut, {c: shrink(plan, t) for c, t in full_state.items()}, cut_state)
         return out
 
     out = outputs(params, state, x)
     chex.assert_trees_all_equal_shapes(jax.eval_shape(small.init, jax.random.key(0)), out["small"])
-    for train in (False, True):
-        full, cut, full_state, cut_state = out[train]
-        np.testing.assert_allclose(cut, full, rtol=2e-5, atol=2e-5, err_msg=f"train={train}")
+    for mode in ("eval", "train"):
+        full, cut, full_state, cut_state = out[mode]
+        np.testing.assert_allclose(cut, full, rtol=2e-5, atol=2e-5, err_msg=mode)
         chex.assert_trees_all_close(cut_state, full_state, rtol=2e-5, atol=2e-5)
-    assert not np.allclose(out[False][0], out["unmasked"], atol=1e-3), \
-        "switching the channels off must change the full network (else the test proves nothing)"
+    pruned_scales = np.concatenate([np.asarray(params_at(params, k))[~np.asarray(m)] for k, m in mask.items()])
+    assert np.abs(pruned_scales).min() > 0, "the pruned channels must matter (else the test proves nothing)"
+
+
+def params_at(params, path):
+    for part in path.split("/"):
+        params = params[part]
+    return params
 
 
 def test_cnn1d_plan_by_hand():
@@ -129,3 +135,6 @@ def test_errors_name_the_problem():
         channel_plan("resnet20", all_bn, resnet)
     with pytest.raises(ValueError, match="names layers that params lacks"):
         zero_channels(params, {"bn9/scale": np.ones(2, bool)})
+    with pytest.raises(ValueError, match="inner_widths has 1 entries; this ResNet has 3 blocks"):
+        jax.eval_shape(create("resnet20", input_shape=(8, 8, 3), stage_sizes=(1, 1, 1), inner_widths=(3,)).init,
+                       jax.random.key(0))

@@ -5,29 +5,34 @@
 
 For each mask kind (channel masks from BatchNorm scales; per-weight global magnitude masks)
 and number of vmapped seeds, with the paper's three ratios, window 5 and eps 0.1, it times
-(medians over repeats, after a warm-up call, programs compiled ahead of time):
+(medians over repeats, the three programs timed round-robin after a warm-up call each,
+compiled ahead of time):
 
 - ``epoch``: one epoch of the compiled loop without detection;
 - ``epoch+EB``: one epoch of the same loop with detection in the carry;
 - ``detect``: the detection alone (all seeds' masks for every ratio, pushed into the
   detectors), a separately compiled program;
 
-and prints the detection's share of an epoch (``detect / epoch``, the robust figure) and the
-measured difference of the two loops (``epoch+EB / epoch - 1``, noisier).
+- ``steps``: the epoch's training steps as separate calls of one compiled (vmapped) step.
+
+It prints the detection's share of an epoch (``detect / epoch``, the robust figure), the
+measured difference of the two loops (``epoch+EB / epoch - 1``, noisier), and the share of
+the separately called steps (``detect / steps``). On CPU, XLA runs convolution gradients
+inside loop bodies far slower than at the top level of a program (jax-ml/jax#12868), so a
+compiled epoch of a conv net is much slower than its steps called one by one; the last
+column is the share against that faster epoch, the conservative figure.
 """
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lottojax.data import load
 from lottojax.early_bird import channel_mask, weight_mask
 from lottojax.eb_experiment import EarlyBirdConfig, make_eb_optimizer
-from lottojax.eb_train import make_epoch_loop
+from lottojax.eb_train import interleaved_medians, make_epoch_loop
 from lottojax.models import create
 from lottojax.train import make_trainer
 
@@ -35,16 +40,6 @@ MASKS = {
     "channel": lambda p, r: channel_mask(p, r),
     "weight": lambda p, r: weight_mask(p, r, scope="global"),
 }
-
-
-def median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def measure(mask: str, seeds: int, repeats: int, data, config: EarlyBirdConfig) -> dict:
@@ -58,17 +53,19 @@ def measure(mask: str, seeds: int, repeats: int, data, config: EarlyBirdConfig) 
                                 window=config.window, eps=config.eps)
     keys = jax.random.split(jax.random.key(0), seeds)
     train = jax.jit(jax.vmap(trainer.init))(keys)
-    out = {}
-    for name, loop in (("epoch", plain), ("epoch+EB", detecting)):
+    runs = []
+    for loop in (plain, detecting):
         state = jax.jit(loop.init)(train)
         run = jax.jit(loop.run).lower(state, data, keys, jnp.int32(0)).compile()
         until = state.epoch + 1  # every call trains one epoch from the same state
-        out[name] = median_seconds(lambda: run(state, data, keys, until), repeats)
+        runs.append(lambda run=run, state=state, until=until: run(state, data, keys, until))
     state = jax.jit(detecting.init)(train)
-    detect = jax.jit(jax.vmap(detecting.detect, (0, 0, None)))
-    detect = detect.lower(train.params, state.detector, jnp.int32(1)).compile()
-    out["detect"] = median_seconds(lambda: detect(train.params, state.detector, jnp.int32(1)), repeats)
-    return out
+    detect = jax.jit(jax.vmap(detecting.detect, (0, 0, None))).lower(train.params, state.detector, jnp.int32(1)).compile()
+    runs.append(lambda: detect(train.params, state.detector, jnp.int32(1)))
+    batch = (data.x_train[:config.batch_size], data.y_train[:config.batch_size])
+    step = jax.jit(jax.vmap(trainer.step, (0, None, None))).lower(train, *batch).compile()
+    runs.append(lambda: [step(train, *batch) for _ in range(steps)][-1])
+    return dict(zip(("epoch", "epoch+EB", "detect", "steps"), interleaved_medians(runs, repeats=repeats)))
 
 
 def main(argv=None) -> None:
@@ -82,13 +79,14 @@ def main(argv=None) -> None:
     print(f"{config.model} on {config.dataset}: {data.x_train.shape[0] // config.batch_size} steps of batch "
           f"{config.batch_size} per epoch; ratios {config.ratios}, window {config.window}; "
           f"{jax.devices()[0].platform}, median of {args.repeats}")
-    header = f"{'mask':<8} {'seeds':>5} {'epoch ms':>9} {'epoch+EB ms':>11} {'detect ms':>9} {'detect/epoch':>12} {'epoch+EB/epoch-1':>16}"
-    print(header)
+    print(f"{'mask':<8} {'seeds':>5} {'epoch ms':>9} {'epoch+EB ms':>11} {'detect ms':>9} {'steps ms':>9} "
+          f"{'detect/epoch':>12} {'epoch+EB/epoch-1':>16} {'detect/steps':>12}")
     for mask in args.masks:
         for seeds in args.seeds:
             t = measure(mask, seeds, args.repeats, data, config)
             print(f"{mask:<8} {seeds:>5} {1e3 * t['epoch']:>9.1f} {1e3 * t['epoch+EB']:>11.1f} {1e3 * t['detect']:>9.2f} "
-                  f"{t['detect'] / t['epoch']:>12.2%} {t['epoch+EB'] / t['epoch'] - 1:>16.2%}")
+                  f"{1e3 * t['steps']:>9.1f} {t['detect'] / t['epoch']:>12.2%} {t['epoch+EB'] / t['epoch'] - 1:>16.2%} "
+                  f"{t['detect'] / t['steps']:>12.2%}")
 
 
 if __name__ == "__main__":
