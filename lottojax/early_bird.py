@@ -9,7 +9,7 @@ older mask in the window.
 Everything here is pure and jittable and works on any pytree (no Flax):
 
 - :func:`hamming_distance`: the fraction of mask entries that differ, over whole pytrees;
-- :func:`early_bird` returns an :class:`EarlyBird` pair ``(init, update)`` of pure
+- :func:`early_bird_detector` returns an :class:`EarlyBird` pair ``(init, update)`` of pure
   functions over an :class:`EarlyBirdState` (fixed shapes, so it lives in a ``lax.scan``
   or ``lax.while_loop`` carry and vmaps over seeds and pruning ratios);
 - :func:`detect_early_bird` scans a stacked mask history and :func:`mask_distance_matrix`
@@ -80,7 +80,7 @@ class EarlyBirdState(NamedTuple):
 
 
 class EarlyBird(NamedTuple):
-    """The detector as pure functions (see :func:`early_bird`).
+    """The detector as pure functions (see :func:`early_bird_detector`).
 
     Attributes:
       init: ``mask -> EarlyBirdState``; ``mask`` only gives the structure and shapes.
@@ -93,7 +93,7 @@ class EarlyBird(NamedTuple):
     update: Callable[[EarlyBirdState, PyTree, Any], EarlyBirdState]
 
 
-def early_bird(window: int = 5, eps: float = 0.1) -> EarlyBird:
+def early_bird_detector(window: int = 5, eps: float = 0.1) -> EarlyBird:
     """The Early-Bird detector of You et al.: a FIFO window of masks and a distance threshold.
 
     An update pushes the newest mask, computes its normalised Hamming distances to the
@@ -110,7 +110,7 @@ def early_bird(window: int = 5, eps: float = 0.1) -> EarlyBird:
       state and mask over seeds or over pruning ratios).
 
     Examples:
-      >>> detector = early_bird(window=2, eps=0.3)
+      >>> detector = early_bird_detector(window=2, eps=0.3)
       >>> masks = [jnp.array([1, 1, 0, 0], bool), jnp.array([1, 0, 1, 0], bool),
       ...          jnp.array([1, 0, 1, 1], bool)]
       >>> state = detector.init(masks[0])
@@ -159,8 +159,8 @@ def detect_early_bird(history: PyTree, *, window: int = 5, eps: float = 0.1, epo
     Args:
       history: a mask pytree whose leaves have a leading time axis ``T`` (mask ``t`` is
         ``history[t]``).
-      window: see :func:`early_bird`.
-      eps: see :func:`early_bird`.
+      window: see :func:`early_bird_detector`.
+      eps: see :func:`early_bird_detector`.
       epochs: ``(T,)`` int labels of the masks (default ``0..T-1``).
 
     Returns:
@@ -181,7 +181,7 @@ def detect_early_bird(history: PyTree, *, window: int = 5, eps: float = 0.1, epo
     epochs = jnp.arange(steps, dtype=jnp.int32) if epochs is None else jnp.asarray(epochs, jnp.int32)
     if epochs.shape != (steps,):
         raise ValueError(f"epochs has shape {epochs.shape}; it needs one label per mask: ({steps},)")
-    detector = early_bird(window, eps)
+    detector = early_bird_detector(window, eps)
 
     def body(state, step):
         mask, epoch = step

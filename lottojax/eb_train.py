@@ -7,7 +7,7 @@ every epoch it can
 
 - draw a mask per seed and pruning ratio (``mask_fn(params, ratio)``, e.g.
   :func:`lottojax.early_bird.channel_mask`) and push it into an Early-Bird detector per
-  seed and ratio (:func:`lottojax.early_bird.early_bird`); when a detector fires, the
+  seed and ratio (:func:`lottojax.early_bird.early_bird_detector`); when a detector fires, the
   seed's whole :class:`lottojax.train.TrainState` is kept as that ratio's ticket;
 - stop a seed once all its ratios have fired (``stop_at_eb``): its state is frozen with
   ``jnp.where`` and the loop ends when every seed has stopped, with no host round trip;
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lottojax.early_bird import EarlyBirdState, early_bird
+from lottojax.early_bird import EarlyBirdState, early_bird_detector
 from lottojax.masks import PyTree
 from lottojax.train import Trainer, TrainState
 
@@ -115,7 +115,7 @@ def make_epoch_loop(
       mask_fn: ``(params, ratio) -> mask`` drawn after every epoch (e.g.
         ``lambda p, r: channel_mask(p, r)``); ``None``: no detection.
       ratios: the pruning ratios tracked side by side (one detector per seed and ratio).
-      window: the detector's FIFO length (see :func:`lottojax.early_bird.early_bird`).
+      window: the detector's FIFO length (see :func:`lottojax.early_bird.early_bird_detector`).
       eps: the detector's distance threshold.
       stop_at_eb: stop each seed once all its ratios have fired.
       evaluate: record validation and test metrics after every epoch.
@@ -149,7 +149,7 @@ def make_epoch_loop(
         raise ValueError("ratios, stop_at_eb and record_masks need a mask_fn to draw masks with")
     if mask_fn is not None and not ratios:
         raise ValueError("mask_fn needs at least one pruning ratio in ratios=")
-    detector = early_bird(window, eps) if mask_fn is not None else None
+    detector = early_bird_detector(window, eps) if mask_fn is not None else None
     ratio_array = np.asarray(ratios, np.float32)
 
     def masks_of(params):

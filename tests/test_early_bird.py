@@ -16,7 +16,7 @@ from lottojax.early_bird import (
     bn_scales,
     channel_mask,
     detect_early_bird,
-    early_bird,
+    early_bird_detector,
     hamming_distance,
     is_bn_scale,
     mask_distance_matrix,
@@ -79,7 +79,7 @@ def reference_detect(masks, window, eps):
 
 
 def run_detector(masks, window, eps):
-    detector = early_bird(window, eps)
+    detector = early_bird_detector(window, eps)
     state = detector.init(masks[0])
     update = jax.jit(detector.update)
     epochs = []
@@ -129,7 +129,7 @@ def test_detector_never_fires_early_and_distance_equal_to_eps_does_not_count():
 
 
 def test_detector_distances_are_nan_until_the_slots_fill():
-    detector = early_bird(window=4, eps=0.5)
+    detector = early_bird_detector(window=4, eps=0.5)
     state = detector.init(b(1, 0))
     state = detector.update(state, b(1, 0), 0)
     assert np.isnan(state.distances).tolist() == [True, True, True]
@@ -182,7 +182,7 @@ def test_vmapped_detection_equals_per_seed_and_labels_epochs():
 def test_detectors_vmap_over_ratios_in_one_carry():
     gammas = jax.random.normal(jax.random.key(0), (5, 12))  # five epochs of 12 BN scales
     ratios = jnp.array([0.25, 0.5, 0.75])
-    detector = early_bird(window=2, eps=0.5)
+    detector = early_bird_detector(window=2, eps=0.5)
     masks = jax.vmap(lambda g: jax.vmap(lambda r: channel_mask({"bn0": {"scale": g}}, r))(ratios))(gammas)
     state = jax.vmap(detector.init)(jax.tree.map(lambda m: m[0], masks))
     for t in range(5):
@@ -194,10 +194,10 @@ def test_detectors_vmap_over_ratios_in_one_carry():
 
 def test_detector_rejects_bad_settings_and_masks():
     with pytest.raises(ValueError, match="window"):
-        early_bird(window=1)
+        early_bird_detector(window=1)
     with pytest.raises(ValueError, match="eps"):
-        early_bird(eps=0.0)
-    detector = early_bird(window=2)
+        early_bird_detector(eps=0.0)
+    detector = early_bird_detector(window=2)
     state = detector.init({"a": b(1, 0)})
     with pytest.raises(ValueError, match="a has shape"):
         detector.update(state, {"a": b(1, 0, 1)}, 0)

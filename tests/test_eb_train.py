@@ -24,7 +24,7 @@ def setup():
     y = jnp.argmax(x[:, :12].reshape(96, 3, 4).sum(-1), -1)
     data = jax.device_put(Dataset(x[:64], y[:64], x[64:80], y[64:80], x[80:], y[80:]))
     model = create("cnn1d", input_shape=(16,), channels=(4, 4), num_classes=3)
-    tx = optax.chain(lj.early_bird.slimming_penalty(1e-3), optax.sgd(0.1, momentum=0.9), lj.masked_updates())
+    tx = optax.chain(lj.slimming_penalty(1e-3), optax.sgd(0.1, momentum=0.9), lj.masked_updates())
     trainer = make_trainer(model, tx, batch_size=BATCH, eval_every=4)
     return trainer, data
 
@@ -81,7 +81,7 @@ def test_stopping_run_draws_the_same_tickets_and_freezes_finished_seeds(setup, r
             chex.assert_trees_all_equal(jax.tree.map(lambda x: x[s, r], stopped.ticket.params),
                                         jax.tree.map(lambda x: x[s, r], full.ticket.params))
             # The ticket is the state after exactly eb[s, r] epochs of plain training.
-            init = trainer.init(jax.random.key(s))
+            init = jax.jit(trainer.init)(jax.random.key(s))
             plain, _ = train_one(init, data, keys[s], 0, int(eb[s, r]) * 4)
             chex.assert_trees_all_close(jax.tree.map(lambda x: x[s, r], stopped.ticket.params), plain.params,
                                         rtol=1e-5, atol=1e-6)
@@ -119,9 +119,10 @@ def test_phase_resumes_from_its_checkpoint(setup, tmp_path):
     trainer, data = setup
     loop = loop_for(trainer, evaluate=True)
     state, keys = start(trainer, loop, [0, 1])
-    _Phase(str(tmp_path / "split"), loop, state).run(data, keys, num_epochs=3, chunk=2)  # "killed" after epoch 3
-    resumed, _ = _Phase(str(tmp_path / "split"), loop, state).run(data, keys, num_epochs=EPOCHS, chunk=2)
-    whole, seconds = _Phase(str(tmp_path / "whole"), loop, state).run(data, keys, num_epochs=EPOCHS, chunk=EPOCHS)
+    initial = lambda: state
+    _Phase(str(tmp_path / "split"), loop, initial).run(data, keys, num_epochs=3, chunk=2)  # "killed" after epoch 3
+    resumed, _ = _Phase(str(tmp_path / "split"), loop, initial).run(data, keys, num_epochs=EPOCHS, chunk=2)
+    whole, seconds = _Phase(str(tmp_path / "whole"), loop, lambda: state).run(data, keys, num_epochs=EPOCHS, chunk=EPOCHS)
     assert int(resumed.epoch) == int(whole.epoch) == EPOCHS and seconds > 0
     chex.assert_trees_all_close(resumed.train.params, whole.train.params, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(resumed.detector.epoch, whole.detector.epoch)
