@@ -434,20 +434,24 @@ def eb_table(summary: dict) -> str:
         0.7  5 - (1/2)          continue  1 collapsed (a layer lost all its channels)
     """
     dense = summary["dense"]["test_accuracy"]
-    lines = [f"dense: {100 * dense['mean']:.2f} ± {100 * dense['std']:.2f} ({summary['config']['epochs']} epochs)",
-             f"{'ratio':>5}  {'EB epochs (found)':<17}  {'mode':<8}  {'accuracy':<13}  {'FLOPs saved':<11}  time saved"]
+    found = {}
     for ratio, row in summary["ratios"].items():
         epochs = " ".join(str(e) if e >= 0 else "-" for e in row["eb_epoch"])
-        epochs = f"{epochs} ({row['found']}/{len(row['eb_epoch'])})"
+        found[ratio] = f"{epochs} ({row['found']}/{len(row['eb_epoch'])})"
+    width = max(len("EB epochs (found)"), *(len(f) for f in found.values()))
+    lines = [f"dense: {100 * dense['mean']:.2f} ± {100 * dense['std']:.2f} ({summary['config']['epochs']} epochs)",
+             f"{'ratio':>5}  {'EB epochs (found)':<{width}}  {'mode':<8}  {'accuracy':<13}  {'FLOPs saved':<11}  time saved"]
+    for ratio, row in summary["ratios"].items():
+        epochs = found[ratio]
         if not row["modes"]:
-            lines.append(f"{ratio:>5}  {epochs:<17}  no ticket drawn")
+            lines.append(f"{ratio:>5}  {epochs:<{width}}  no ticket drawn")
         for mode, m in row["modes"].items():
             if "test_accuracy" not in m:
-                lines.append(f"{ratio:>5}  {epochs:<17}  {mode:<8}  {m['collapsed']} collapsed (a layer lost all its channels)")
+                lines.append(f"{ratio:>5}  {epochs:<{width}}  {mode:<8}  {m['collapsed']} collapsed (a layer lost all its channels)")
             else:
                 acc = f"{100 * m['test_accuracy']['mean']:.2f} ± {100 * m['test_accuracy']['std']:.2f}"
                 note = f"  ({m['collapsed']} collapsed)" if m["collapsed"] else ""
-                lines.append(f"{ratio:>5}  {epochs:<17}  {mode:<8}  {acc:<13}  {m['flops_saving']:.2f}x{'':<6}  "
+                lines.append(f"{ratio:>5}  {epochs:<{width}}  {mode:<8}  {acc:<13}  {m['flops_saving']:.2f}x{'':<6}  "
                              f"{m['time_saving']:.2f}x{note}")
             ratio, epochs = "", ""
     return "\n".join(lines)
