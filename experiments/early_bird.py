@@ -1,6 +1,7 @@
 """Early-Bird tickets: detect, draw, shrink and retrain, against dense training, many seeds at once.
 
     python experiments/early_bird.py                          # MNIST-1D 1D-CNN, 5 seeds, 30 epochs
+    python experiments/early_bird.py --penalty 0.01           # slimming budget of the paper's 160 epochs
     python experiments/early_bird.py --search-bits 8          # 8-bit search, full-precision retraining
     python experiments/early_bird.py --mask weight            # unstructured (per-weight magnitude) EB
     python experiments/early_bird.py --dataset tfds:cifar10 --model vgg16 --epochs 160 --batch-size 64
