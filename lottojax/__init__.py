@@ -1,37 +1,60 @@
 """lottojax: lottery-ticket research in JAX.
 
 Masks are bool pytrees shaped like the parameters; scoring, pruning and rewinding are pure,
-jittable, vmappable functions; an optax transform keeps pruned weights at exactly zero.
+jittable, vmappable functions; an optax transform keeps pruned weights at exactly zero;
+Early-Bird detection is a pure state machine over mask distances.
 """
 from lottojax.distributions import densities_to_fractions, erk, layer_densities
+from lottojax.early_bird import (
+    EarlyBird,
+    EarlyBirdState,
+    bn_scales,
+    channel_mask,
+    detect_early_bird,
+    early_bird_detector,
+    hamming_distance,
+    mask_distance_matrix,
+    slimming_penalty,
+    weight_mask,
+)
 from lottojax.masks import apply_mask, check_mask, density, format_report, layer_report, ones_like, sparsity
 from lottojax.optim import MaskedUpdatesState, get_mask, masked_updates, set_mask
 from lottojax.prune import prune_global, prune_layerwise, rates_by_layer
 from lottojax.rewind import random_reinit, rewind, shuffle_mask
 from lottojax.scores import class_balanced_sample, grasp, magnitude, random_scores, snip, synflow, synflow_mask
+from lottojax.seeds import map_seeds
 from lottojax.stability import LinearPath, error_barrier, instability, interpolate, recompute_batch_stats
 from lottojax.structured import prune_channels, prune_nm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EarlyBird",
+    "EarlyBirdState",
     "LinearPath",
     "MaskedUpdatesState",
     "apply_mask",
+    "bn_scales",
+    "channel_mask",
     "check_mask",
     "class_balanced_sample",
     "densities_to_fractions",
     "density",
+    "detect_early_bird",
+    "early_bird_detector",
     "erk",
     "error_barrier",
     "format_report",
     "get_mask",
     "grasp",
+    "hamming_distance",
     "instability",
     "interpolate",
     "layer_densities",
     "layer_report",
     "magnitude",
+    "map_seeds",
+    "mask_distance_matrix",
     "masked_updates",
     "ones_like",
     "prune_channels",
@@ -45,8 +68,10 @@ __all__ = [
     "rewind",
     "set_mask",
     "shuffle_mask",
+    "slimming_penalty",
     "snip",
     "sparsity",
     "synflow",
     "synflow_mask",
+    "weight_mask",
 ]

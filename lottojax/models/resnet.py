@@ -1,7 +1,7 @@
 """CIFAR ResNets (He et al. 2016): ResNet-20/32/56/110 and their pre-activation variants."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,8 @@ class BasicBlock(nn.Module):
       features: output channels.
       strides: stride of ``conv0`` and of the shortcut convolution.
       pre_activation: the pre-activation block instead of the original one.
+      inner_features: output channels of ``conv0`` (the block's inner width, which channel
+        pruning can shrink without touching the residual path); ``None``: ``features``.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -38,23 +40,25 @@ class BasicBlock(nn.Module):
     features: int
     strides: int = 1
     pre_activation: bool = False
+    inner_features: Optional[int] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Applies the block to NHWC features."""
-        def conv(kernel, strides, name):
+        def conv(kernel, strides, name, features=self.features):
             return nn.Conv(
-                self.features, (kernel, kernel), strides=(strides, strides), padding="SAME",
+                features, (kernel, kernel), strides=(strides, strides), padding="SAME",
                 use_bias=False, kernel_init=he_normal, name=name,
             )
 
+        inner = self.features if self.inner_features is None else self.inner_features
         needs_projection = self.strides != 1 or x.shape[-1] != self.features
         if self.pre_activation:
             h = nn.relu(batch_norm(train, "bn0")(x))
             shortcut = conv(1, self.strides, "shortcut_conv")(h) if needs_projection else x
-            y = nn.relu(batch_norm(train, "bn1")(conv(3, self.strides, "conv0")(h)))
+            y = nn.relu(batch_norm(train, "bn1")(conv(3, self.strides, "conv0", inner)(h)))
             return conv(3, 1, "conv1")(y) + shortcut
-        y = nn.relu(batch_norm(train, "bn0")(conv(3, self.strides, "conv0")(x)))
+        y = nn.relu(batch_norm(train, "bn0")(conv(3, self.strides, "conv0", inner)(x)))
         y = batch_norm(train, "bn1")(conv(3, 1, "conv1")(y))
         if needs_projection:
             x = batch_norm(train, "shortcut_bn")(conv(1, self.strides, "shortcut_conv")(x))
@@ -75,6 +79,8 @@ class ResNet(nn.Module):
       stage_sizes: number of blocks in each stage.
       width: channel multiplier (1 gives 16/32/64).
       pre_activation: build PreResNet (pre-activation blocks).
+      inner_widths: the inner width of every block, in order (stage by stage), e.g. for a
+        net narrowed by channel pruning; ``None`` keeps each block's ``features``.
       num_classes: number of logits.
 
     Examples:
@@ -95,6 +101,7 @@ class ResNet(nn.Module):
     stage_sizes: Sequence[int] = (3, 3, 3)
     width: int = 1
     pre_activation: bool = False
+    inner_widths: Optional[Sequence[int]] = None
     num_classes: int = 10
 
     @nn.compact
@@ -103,6 +110,10 @@ class ResNet(nn.Module):
 
         ``train`` normalizes with batch statistics and updates the running ones.
         """
+        blocks = sum(self.stage_sizes)
+        if self.inner_widths is not None and len(self.inner_widths) != blocks:
+            raise ValueError(f"inner_widths has {len(self.inner_widths)} entries; this ResNet has {blocks} blocks.")
+        inner_widths = iter([None] * blocks if self.inner_widths is None else self.inner_widths)
         x = nn.Conv(
             16 * self.width, (3, 3), padding="SAME", use_bias=False, kernel_init=he_normal,
             name="conv0",
@@ -115,6 +126,7 @@ class ResNet(nn.Module):
                     features=16 * self.width * 2**s,
                     strides=2 if s > 0 and b == 0 else 1,
                     pre_activation=self.pre_activation,
+                    inner_features=next(inner_widths),
                     name=f"stage{s}_block{b}",
                 )(x, train)
         if self.pre_activation:

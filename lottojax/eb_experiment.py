@@ -1,0 +1,485 @@
+"""The Early-Bird experiment (You et al., ICLR 2020) from one config.
+
+:func:`run_early_bird` is what ``python experiments/early_bird.py`` runs; a notebook can call
+it the same way. For all seeds at once (vmapped) it
+
+1. trains the dense baseline for the whole schedule (SGD with momentum, weight decay, the
+   network-slimming penalty and a piecewise-constant learning rate), recording every epoch's
+   masks for each pruning ratio: the epoch x epoch mask-distance heatmap;
+2. runs the Early-Bird search: the same training, with a detector per seed and ratio in the
+   compiled loop; each seed stops once all its ratios have drawn their ticket (optionally
+   with 8-bit weights, activations and gradients, ``search_bits=8``);
+3. for every ratio and seed, cuts the ticket down to a physically smaller network
+   (channel masks) or masks it (weight masks), and retrains it in full precision, either
+   continuing from the Early-Bird weights and optimizer state to the end of the schedule
+   (``'continue'``) or from a fresh initialisation for the whole schedule (``'reinit'``);
+4. counts training FLOPs (XLA's cost analysis of the compiled steps) and wall time of the
+   Early-Bird pipeline against dense training.
+
+It writes into ``<root>/early_bird-<config hash>/``: ``config.json``, ``results.json``
+(per ratio: EB epochs per seed, retrained accuracy mean/std/per seed, FLOPs and time
+savings; the dense baseline), ``results.npz`` (every per-epoch array), ``heatmap.png``
+and ``checkpoint/`` (a killed run resumes from the last chunk of epochs or retraining).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lottojax.early_bird import channel_mask, mask_distance_matrix, slimming_penalty, weight_mask
+from lottojax.eb_train import (
+    EpochLoop,
+    EpochLoopState,
+    compiled_step,
+    detection_flops,
+    interleaved_medians,
+    make_epoch_loop,
+)
+from lottojax.experiment import load_dataset, make_optimizer, run_directory, write_json
+from lottojax.masks import apply_mask, ones_like
+from lottojax.optim import set_mask
+from lottojax.prune import prune_global, prune_layerwise
+from lottojax.scores import magnitude
+from lottojax.train import TrainState, make_trainer
+
+MASKS = ("channel", "weight")
+RETRAIN_MODES = ("continue", "reinit")
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyBirdConfig:
+    """Everything that defines a run; the defaults are the MNIST-1D reproduction.
+
+    The paper's CIFAR recipe (SGD lr 0.1, momentum 0.9, weight decay 1e-4, lr x0.1 at 50%
+    and 75% of the epochs, slimming penalty 1e-4, ratios 0.3/0.5/0.7, window 5, eps 0.1)
+    on the 1D-CNN with BatchNorm (3 x 32 channels) for 30 epochs of batch 128.
+    ``--dataset tfds:cifar10 --model vgg16 --epochs 160 --batch-size 64`` is the paper's
+    CIFAR-10 setting (without its data augmentation, which lottojax's trainer lacks).
+    """
+
+    model: str = "cnn1d"
+    widths: tuple[int, ...] = ()  # conv widths ('channels' of cnn1d, 'widths' of vgg); () = the model's
+    dataset: str = "mnist1d"
+    data_dir: Optional[str] = None
+    validation: Optional[int] = None  # None: the loader's default
+    epochs: int = 30
+    batch_size: int = 128
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_drops: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs at which the lr is multiplied by lr_factor
+    lr_factor: float = 0.1
+    penalty: float = 1e-4  # network-slimming s during the dense run and the search; retraining uses none
+    mask: str = "channel"  # 'channel' (BN scales, physically pruned) or 'weight' (magnitude, masked)
+    weight_scope: str = "global"  # for mask='weight': 'global' or 'layerwise'
+    ratios: tuple[float, ...] = (0.3, 0.5, 0.7)
+    window: int = 5
+    eps: float = 0.1
+    search_bits: int = 0  # 0: full-precision search; 8: the paper's low-precision search
+    retrain: tuple[str, ...] = RETRAIN_MODES
+    seeds: int = 5
+    epochs_per_call: int = 10  # epochs per compiled call between checkpoints
+
+
+def _check(config: EarlyBirdConfig) -> None:
+    if config.mask not in MASKS:
+        raise ValueError(f"mask={config.mask!r}: use one of {MASKS}")
+    if config.weight_scope not in ("global", "layerwise"):
+        raise ValueError(f"weight_scope={config.weight_scope!r}: use 'global' or 'layerwise'")
+    unknown = set(config.retrain) - set(RETRAIN_MODES)
+    if unknown:
+        raise ValueError(f"retrain={config.retrain}: {sorted(unknown)} unknown; use any of {RETRAIN_MODES}")
+    if config.search_bits not in (0,) + tuple(range(2, 17)):
+        raise ValueError(f"search_bits={config.search_bits}: 0 (full precision) or 2..16")
+    if not config.ratios or not all(0 < r < 1 for r in config.ratios):
+        raise ValueError(f"ratios={config.ratios} must be fractions in (0, 1)")
+    if config.seeds < 1 or config.epochs < 1 or config.epochs_per_call < 1:
+        raise ValueError("seeds, epochs and epochs_per_call must be >= 1")
+    _model_kwargs(config)
+
+
+def lr_schedule(config: EarlyBirdConfig, steps_per_epoch: int) -> optax.Schedule:
+    """The paper's piecewise-constant schedule: ``learning_rate``, times ``lr_factor`` at each
+    fraction ``lr_drops`` of the epochs (epochs 80 and 120 of 160 in the paper).
+
+    Examples:
+      >>> schedule = lr_schedule(EarlyBirdConfig(epochs=8, learning_rate=1.0), steps_per_epoch=10)
+      >>> [round(float(schedule(s)), 4) for s in (0, 39, 40, 59, 60)]
+      [1.0, 1.0, 0.1, 0.1, 0.01]
+    """
+    boundaries: dict[int, float] = {}
+    for fraction in config.lr_drops:
+        step = int(round(fraction * config.epochs)) * steps_per_epoch
+        boundaries[step] = boundaries.get(step, 1.0) * config.lr_factor
+    return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
+
+
+def make_eb_optimizer(config: EarlyBirdConfig, steps_per_epoch: int, penalty: float) -> optax.GradientTransformation:
+    """The slimming penalty, then SGD with momentum, L2 weight decay and the schedule, ending in
+    :func:`lottojax.masked_updates` (whatever ``penalty``, the state has the same structure, so
+    a retraining optimizer without the penalty takes over the search's momentum)."""
+    schedule = lr_schedule(config, steps_per_epoch)
+    inner = make_optimizer("momentum", schedule, momentum=config.momentum, weight_decay=config.weight_decay)
+    return optax.chain(slimming_penalty(penalty), inner)
+
+
+def _model_kwargs(config: EarlyBirdConfig) -> dict[str, Any]:
+    if not config.widths:
+        return {}
+    if config.model == "cnn1d":
+        return {"channels": tuple(config.widths)}
+    if config.model.startswith("vgg"):
+        return {"widths": tuple(config.widths)}
+    raise ValueError(f"widths= applies to 'cnn1d' and 'vgg*' models, not {config.model!r}")
+
+
+def _mask_fn(config: EarlyBirdConfig, params):
+    if config.mask == "channel":
+        from lottojax.slimming import channel_select
+
+        select = channel_select(config.model, params)
+        return lambda p, r: channel_mask(p, r, select=select)
+    return lambda p, r: weight_mask(p, r, scope=config.weight_scope)
+
+
+def _take(tree, *index):
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+class _Phase:
+    """A chunked, checkpointed run of an epoch loop (resumes after the last saved chunk).
+
+    ``make_initial()`` builds the starting state; it is only called when there is no
+    checkpoint (a resumed run needs its shapes only).
+    """
+
+    def __init__(self, directory: str, loop: EpochLoop, make_initial: Callable[[], EpochLoopState]):
+        import orbax.checkpoint as ocp
+
+        self.loop = loop
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        if self.manager.latest_step() is None:
+            self.carry = {"state": make_initial(), "seconds": np.float64(0.0)}
+        else:
+            shapes = {"state": jax.eval_shape(make_initial), "seconds": np.float64(0.0)}
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, shapes)
+            self.carry = self.manager.restore(self.manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+
+    def finished(self, num_epochs: int) -> bool:
+        state = self.carry["state"]
+        return int(state.epoch) >= num_epochs or bool(np.all(np.asarray(state.stopped) >= 0))
+
+    def run(self, data, keys, *, num_epochs: int, chunk: int) -> tuple[EpochLoopState, float]:
+        import orbax.checkpoint as ocp
+
+        if not self.finished(num_epochs):
+            state = self.carry["state"]
+            compiled = jax.jit(self.loop.run).lower(state, data, keys, jnp.int32(0)).compile()
+            while not self.finished(num_epochs):
+                until = jnp.int32(min(int(state.epoch) + chunk, num_epochs))
+                start = time.perf_counter()
+                state = jax.block_until_ready(compiled(state, data, keys, until))
+                self.carry = {"state": state, "seconds": np.float64(self.carry["seconds"] + time.perf_counter() - start)}
+                self.manager.save(int(state.epoch), args=ocp.args.StandardSave(self.carry))
+                self.manager.wait_until_finished()
+        return self.carry["state"], float(self.carry["seconds"])
+
+
+def _stats(values) -> dict:
+    values = np.asarray(values, np.float64)
+    if values.size == 0:
+        return {"mean": None, "std": None, "per_seed": []}
+    return {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
+
+
+def run_early_bird(config: EarlyBirdConfig, root: str = "runs", *, progress: bool = True) -> tuple[dict, str]:
+    """Runs (or resumes) the experiment; returns the summary (as in ``results.json``) and the
+    run directory."""
+    from lottojax.models import create
+    from lottojax.quantize import low_precision
+
+    _check(config)
+    workdir = run_directory(root, "early_bird", config)
+    checkpoints = os.path.join(workdir, "checkpoint")
+    say = print if progress else (lambda *a, **k: None)
+    data = load_dataset(config.dataset, data_dir=config.data_dir, validation=config.validation)
+    data = jax.device_put(data)
+    steps_per_epoch = data.x_train.shape[0] // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size={config.batch_size} exceeds the {data.x_train.shape[0]} training examples")
+    model_kwargs = dict(input_shape=data.input_shape, num_classes=data.num_classes, **_model_kwargs(config))
+    model = create(config.model, **model_kwargs)
+    trainer_for = lambda m, penalty: make_trainer(
+        m, make_eb_optimizer(config, steps_per_epoch, penalty), batch_size=config.batch_size, eval_every=steps_per_epoch
+    )
+    trainer = trainer_for(model, config.penalty)
+    search_model = low_precision(model, bits=config.search_bits) if config.search_bits else model
+    search_trainer = trainer_for(search_model, config.penalty)
+
+    seed_keys = jax.vmap(jax.random.key)(jnp.arange(config.seeds, dtype=jnp.uint32))
+    init_keys, data_keys, reinit_keys = (jax.vmap(jax.random.fold_in, (0, None))(seed_keys, i) for i in range(3))
+    one_params = jax.eval_shape(model.init, init_keys[0])[0]
+    mask_fn = _mask_fn(config, one_params)
+    detection = dict(mask_fn=mask_fn, ratios=config.ratios, window=config.window, eps=config.eps)
+    loop_args = dict(batch_size=config.batch_size, num_epochs=config.epochs)
+
+    # 1. The dense baseline, with the masks of every epoch (heatmap) and its own detections.
+    dense_loop = make_epoch_loop(trainer, **loop_args, **detection, record_masks=True, evaluate=True)
+    init_states = functools.cache(lambda: jax.jit(jax.vmap(trainer.init))(init_keys))  # shared by both phases
+    initial = lambda: jax.jit(dense_loop.init)(init_states())
+    say(f"[1/3] dense baseline: {config.seeds} seeds x {config.epochs} epochs")
+    dense, dense_seconds = _Phase(os.path.join(checkpoints, "dense"), dense_loop, initial).run(
+        data, data_keys, num_epochs=config.epochs, chunk=config.epochs_per_call)
+
+    # 2. The Early-Bird search: stops each seed when all its ratios have fired.
+    search_loop = make_epoch_loop(search_trainer, **loop_args, **detection, stop_at_eb=True, evaluate=False)
+    if config.search_bits:
+        initial = lambda: jax.jit(lambda k: search_loop.init(jax.vmap(search_trainer.init)(k)))(init_keys)
+    else:
+        initial = lambda: jax.jit(search_loop.init)(init_states())
+    say(f"[2/3] Early-Bird search{f' ({config.search_bits}-bit)' if config.search_bits else ''}")
+    search, search_seconds = _Phase(os.path.join(checkpoints, "search"), search_loop, initial).run(
+        data, data_keys, num_epochs=config.epochs, chunk=config.epochs_per_call)
+
+    # 3. Retrain every ticket; time its training step side by side with the dense one.
+    dense_step = functools.cache(lambda: compiled_step(trainer, _take(jax.device_get(dense.train), 0), data, config.batch_size))
+    retrain_path = os.path.join(checkpoints, "retrain.json")
+    retrained = json.load(open(retrain_path)) if os.path.exists(retrain_path) else {}
+    eb_epochs = np.asarray(search.detector.epoch)  # (seeds, ratios)
+    tickets = jax.device_get(search.ticket)
+    say(f"[3/3] retraining {int((eb_epochs >= 0).sum())} tickets x {len(config.retrain)} modes")
+    for r, ratio in enumerate(config.ratios):
+        for s in range(config.seeds):
+            key = f"{ratio}/{s}"
+            if eb_epochs[s, r] < 0 or all(f"{key}/{m}" in retrained for m in config.retrain):
+                continue
+            ticket = _take(tickets, s, r)
+            if config.search_bits:  # the ticket is retrained in full precision
+                ticket = ticket._replace(model_state=ticket.model_state.model_state)
+            runs = _retrain_ticket(config, ticket, int(eb_epochs[s, r]), ratio, data, data_keys[s], reinit_keys[s],
+                                   model_kwargs, steps_per_epoch, mask_fn, dense_step()[1])
+            retrained.update({f"{key}/{mode}": run for mode, run in runs.items()})
+            write_json(retrain_path, retrained)
+            outcome = ", ".join(f"{m} {100 * v['test_accuracy']:.2f}%" for m, v in runs.items() if "test_accuracy" in v)
+            say(f"  ratio {ratio} seed {s}: EB epoch {int(eb_epochs[s, r])}, " + (outcome or "collapsed"))
+
+    costs_path = os.path.join(checkpoints, "costs.json")
+    if not os.path.exists(costs_path):
+        write_json(costs_path, dict(step_flops=dense_step()[0], detection_flops=detection_flops(search_loop, search)))
+    costs = json.load(open(costs_path))
+    summary = _summarise(config, dense, search, retrained, steps_per_epoch, costs, dense_seconds, search_seconds)
+    write_json(os.path.join(workdir, "results.json"), summary)
+    distances = _distance_matrices(dense)
+    np.savez(
+        os.path.join(workdir, "results.npz"),
+        ratios=np.array(config.ratios), eb_epoch=eb_epochs, dense_eb_epoch=np.asarray(dense.detector.epoch),
+        search_stopped=np.asarray(search.stopped), distance_matrix=distances,
+        **{f"dense_{k}": np.asarray(v) for k, v in dense.record._asdict().items()},
+    )
+    plot_heatmap(distances[0], config.ratios, np.asarray(dense.detector.epoch)[0],
+                 os.path.join(workdir, "heatmap.png"),
+                 title=f"mask distances between epochs, {config.model} on {config.dataset} (seed 0)")
+    return summary, workdir
+
+
+def _retrain_ticket(config, ticket: TrainState, eb_epoch: int, ratio: float, data, data_key, reinit_key,
+                    model_kwargs, steps_per_epoch: int, mask_fn, dense_step) -> dict[str, dict]:
+    """Retrains one ticket in each mode; returns per mode the accuracy, and the FLOPs and time
+    of one training step of the ticket and (measured alongside) of the dense network."""
+    from lottojax.models import create
+    from lottojax.slimming import channel_plan, shrink_train_state
+
+    mask = jax.device_get(jax.jit(mask_fn)(ticket.params, ratio))
+    kept = sum(int(np.sum(m)) for m in mask.values()) / sum(m.size for m in mask.values())
+    collapsed = [path for path, m in mask.items() if not np.any(m)]
+    if collapsed and config.mask == "channel":  # a layer without channels: the net computes a constant
+        return {mode: dict(eb_epoch=eb_epoch, kept_fraction=kept, collapsed=collapsed) for mode in config.retrain}
+    optimizer = make_eb_optimizer(config, steps_per_epoch, 0.0)
+    widths: dict[str, list] = {}
+    if config.mask == "channel":
+        plan = channel_plan(config.model, mask, ticket.params)
+        model = create(config.model, **{**model_kwargs, **plan.model_kwargs})
+        trainer = make_trainer(model, optimizer, batch_size=config.batch_size, eval_every=steps_per_epoch)
+        starts = {"continue": jax.jit(functools.partial(shrink_train_state, plan))(ticket), "reinit": jax.jit(trainer.init)(reinit_key)}
+        widths = {k: list(v) for k, v in plan.model_kwargs.items()}
+    else:
+        model = create(config.model, **model_kwargs)
+        trainer = make_trainer(model, optimizer, batch_size=config.batch_size, eval_every=steps_per_epoch)
+        prune = prune_global if config.weight_scope == "global" else prune_layerwise
+        full = jax.jit(lambda p: prune(magnitude(p), ones_like(p), ratio))(ticket.params)
+        starts = {
+            "continue": jax.jit(lambda t: t._replace(params=apply_mask(t.params, full), opt_state=set_mask(t.opt_state, full)))(ticket),
+            "reinit": jax.jit(trainer.init)(reinit_key, full),
+        }
+    loop = make_epoch_loop(trainer, batch_size=config.batch_size, num_epochs=config.epochs, evaluate=True)
+    flops, ticket_step = compiled_step(trainer, starts["continue"], data, config.batch_size)
+    dense_seconds, ticket_seconds = interleaved_medians([dense_step, ticket_step])
+    first = {"continue": eb_epoch, "reinit": 0}
+    start_loop = jax.jit(lambda state, epoch: loop.init(jax.tree.map(lambda x: x[None], state), epoch))
+    compiled, runs = None, {}
+    for mode in config.retrain:
+        state = start_loop(starts[mode], first[mode])
+        if compiled is None:  # both modes share the program: the epoch is traced
+            compiled = jax.jit(loop.run).lower(state, data, data_key[None], jnp.int32(0)).compile()
+        begin = time.perf_counter()
+        state = jax.block_until_ready(compiled(state, data, data_key[None], jnp.int32(config.epochs)))
+        seconds = time.perf_counter() - begin
+        record = jax.tree.map(lambda x: np.asarray(x[0]), state.record)
+        runs[mode] = dict(
+            eb_epoch=eb_epoch, first_epoch=first[mode], epochs=config.epochs - first[mode], seconds=seconds,
+            step_flops=flops, step_seconds=ticket_seconds, dense_step_seconds=dense_seconds,
+            kept_fraction=kept, widths=widths, collapsed=[],
+            test_accuracy=float(record.test_accuracy[-1]), val_accuracy=float(record.val_accuracy[-1]),
+            test_accuracy_curve=record.test_accuracy.tolist(),
+        )
+    return runs
+
+
+def _distance_matrices(dense: EpochLoopState) -> np.ndarray:
+    """``(seeds, ratios, epochs, epochs)`` mask distances of the dense run."""
+    per_ratio = lambda masks: mask_distance_matrix(masks)  # masks: (epochs, ...)
+    matrices = jax.jit(jax.vmap(jax.vmap(per_ratio, in_axes=1)))(dense.masks)
+    return np.asarray(matrices)
+
+
+def _summarise(config, dense, search, retrained, steps_per_epoch, costs, dense_seconds, search_seconds) -> dict:
+    """Per ratio and retraining mode: accuracy, and training FLOPs and compute time of the
+    Early-Bird pipeline (the search's dense epochs with detection, then the retraining) against
+    the dense schedule. Compute time is steps times the one-seed step time, the ticket's and the
+    dense network's step timed side by side; the phases' wall times are reported as measured."""
+    T = config.epochs
+    dense_acc = np.asarray(dense.record.test_accuracy)[:, -1]
+    dense_flops = T * steps_per_epoch * costs["step_flops"]
+    summary = {
+        "config": dataclasses.asdict(config),
+        "steps_per_epoch": steps_per_epoch,
+        "dense": {
+            "test_accuracy": _stats(dense_acc),
+            "train_flops": dense_flops,
+            "step_flops": costs["step_flops"],
+            "wall_seconds_all_seeds": dense_seconds,
+        },
+        "search": {
+            "wall_seconds_all_seeds": search_seconds,
+            "epochs_run": int(search.epoch),
+            "stopped": np.asarray(search.stopped).tolist(),
+            "detection_flops_per_epoch": costs["detection_flops"],
+        },
+        "ratios": {},
+    }
+    eb = np.asarray(search.detector.epoch)
+    dense_eb = np.asarray(dense.detector.epoch)
+    for r, ratio in enumerate(config.ratios):
+        found = eb[:, r] >= 0
+        row = {
+            "eb_epoch": eb[:, r].tolist(),
+            "eb_epoch_dense_run": dense_eb[:, r].tolist(),
+            "eb_fraction_of_training": _stats(eb[found, r] / T),
+            "found": int(found.sum()),
+            "modes": {},
+        }
+        for mode in config.retrain:
+            drawn = [retrained[f"{ratio}/{s}/{mode}"] for s in range(config.seeds) if f"{ratio}/{s}/{mode}" in retrained]
+            runs = [run for run in drawn if not run.get("collapsed")]
+            if not runs:
+                row["modes"][mode] = {"collapsed": len(drawn)}
+                continue
+            search_flops = [run["eb_epoch"] * (steps_per_epoch * costs["step_flops"] + costs["detection_flops"]) for run in runs]
+            flops = [f + run["epochs"] * steps_per_epoch * run["step_flops"] for f, run in zip(search_flops, runs)]
+            seconds = [(run["eb_epoch"] * run["dense_step_seconds"] + run["epochs"] * run["step_seconds"]) * steps_per_epoch
+                       for run in runs]
+            dense_time = [T * steps_per_epoch * run["dense_step_seconds"] for run in runs]
+            acc = [run["test_accuracy"] for run in runs]
+            row["modes"][mode] = {
+                "collapsed": len(drawn) - len(runs),
+                "test_accuracy": _stats(acc),
+                "accuracy_minus_dense": float(np.mean(acc) - dense_acc.mean()),
+                "kept_fraction": _stats([run["kept_fraction"] for run in runs]),
+                "train_flops": _stats(flops),
+                "flops_saving": float(dense_flops / np.mean(flops)),
+                "train_seconds": _stats(seconds),
+                "time_saving": float(np.mean(dense_time) / np.mean(seconds)),
+                "step_time_ratio": _stats([run["step_seconds"] / run["dense_step_seconds"] for run in runs]),
+                "retrain_wall_seconds": _stats([run["seconds"] for run in runs]),
+                "widths": [run["widths"] for run in runs],
+            }
+        summary["ratios"][str(ratio)] = row
+    return summary
+
+
+def eb_table(summary: dict) -> str:
+    """Per ratio: EB epochs (per seed), then per retraining mode the test accuracy
+    (mean ± std over the seeds whose ticket could be retrained) and the FLOPs and wall-time
+    savings against dense training; tickets that pruned a whole layer are counted as collapsed.
+
+    Examples:
+      >>> s = {'config': {'epochs': 30}, 'dense': {'test_accuracy': {'mean': .9, 'std': .01}},
+      ...      'ratios': {'0.3': {'eb_epoch': [6, 7], 'found': 2, 'modes': {'continue': {'collapsed': 0,
+      ...          'test_accuracy': {'mean': .905, 'std': .002}, 'flops_saving': 1.5, 'time_saving': 1.2}}},
+      ...                 '0.7': {'eb_epoch': [5, -1], 'found': 1, 'modes': {'continue': {'collapsed': 1}}}}}
+      >>> print(eb_table(s))
+      dense: 90.00 ± 1.00 (30 epochs)
+      ratio  EB epochs (found)  mode      accuracy       FLOPs saved  time saved
+        0.3  6 7 (2/2)          continue  90.50 ± 0.20   1.50x        1.20x
+        0.7  5 - (1/2)          continue  1 collapsed (a layer lost all its channels)
+    """
+    dense = summary["dense"]["test_accuracy"]
+    found = {}
+    for ratio, row in summary["ratios"].items():
+        epochs = " ".join(str(e) if e >= 0 else "-" for e in row["eb_epoch"])
+        found[ratio] = f"{epochs} ({row['found']}/{len(row['eb_epoch'])})"
+    width = max(len("EB epochs (found)"), *(len(f) for f in found.values()))
+    lines = [f"dense: {100 * dense['mean']:.2f} ± {100 * dense['std']:.2f} ({summary['config']['epochs']} epochs)",
+             f"{'ratio':>5}  {'EB epochs (found)':<{width}}  {'mode':<8}  {'accuracy':<13}  {'FLOPs saved':<11}  time saved"]
+    for ratio, row in summary["ratios"].items():
+        epochs = found[ratio]
+        if not row["modes"]:
+            lines.append(f"{ratio:>5}  {epochs:<{width}}  no ticket drawn")
+        for mode, m in row["modes"].items():
+            if "test_accuracy" not in m:
+                lines.append(f"{ratio:>5}  {epochs:<{width}}  {mode:<8}  {m['collapsed']} collapsed (a layer lost all its channels)")
+            else:
+                acc = f"{100 * m['test_accuracy']['mean']:.2f} ± {100 * m['test_accuracy']['std']:.2f}"
+                note = f"  ({m['collapsed']} collapsed)" if m["collapsed"] else ""
+                lines.append(f"{ratio:>5}  {epochs:<{width}}  {mode:<8}  {acc:<13}  {m['flops_saving']:.2f}x{'':<6}  "
+                             f"{m['time_saving']:.2f}x{note}")
+            ratio, epochs = "", ""
+    return "\n".join(lines)
+
+
+def plot_heatmap(matrices: np.ndarray, ratios, eb_epochs, path: str, *, title: str = "") -> None:
+    """Saves the paper's figure: one epoch x epoch mask-distance heatmap per pruning ratio,
+    with the Early-Bird epoch marked (``matrices``: ``(ratios, epochs, epochs)``; row ``i`` is
+    the mask after epoch ``i + 1``)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ratios), figsize=(4.2 * len(ratios), 3.8), squeeze=False)
+    epochs = matrices.shape[-1]
+    for ax, matrix, ratio, eb in zip(axes[0], matrices, ratios, eb_epochs):
+        image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=max(float(matrices.max()), 1e-6),
+                          origin="upper", extent=(0.5, epochs + 0.5, epochs + 0.5, 0.5))
+        if eb > 0:
+            ax.axhline(eb, color="red", lw=0.8)
+            ax.axvline(eb, color="red", lw=0.8)
+        ax.set_title(f"p = {ratio}" + (f", EB at epoch {eb}" if eb > 0 else ", no EB"))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("epoch")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

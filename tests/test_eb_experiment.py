@@ -1,0 +1,56 @@
+"""The Early-Bird experiment end to end on the CIFAR-10 VGG path (TFDS mock data: the real
+data cannot be downloaded here), resuming, and its configuration checks."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lottojax.eb_experiment import EarlyBirdConfig, eb_table, run_early_bird
+
+CONFIG = EarlyBirdConfig(
+    model="vgg11", widths=(6,) * 8, dataset="tfds:cifar10", validation=8, epochs=3,
+    batch_size=8, ratios=(0.5,), window=2, eps=1.0, seeds=1, epochs_per_call=2,
+)
+
+
+def test_cifar10_vgg_pipeline_on_mock_data_and_resume(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        summary, workdir = run_early_bird(CONFIG, str(tmp_path), progress=False)
+        retrained = json.load(open(os.path.join(workdir, "checkpoint", "retrain.json")))
+        again, _ = run_early_bird(CONFIG, str(tmp_path), progress=False)  # resumes: nothing left to train
+    assert json.load(open(os.path.join(workdir, "checkpoint", "retrain.json"))) == retrained
+    for name in ("config.json", "results.json", "results.npz", "heatmap.png"):
+        assert os.path.exists(os.path.join(workdir, name))
+    row = summary["ratios"]["0.5"]
+    assert row["eb_epoch"] == [2] and row["found"] == 1  # eps = 1: fires as soon as the window (2) is full
+    assert summary["search"]["epochs_run"] == 2 and summary["search"]["stopped"] == [2]
+    for mode in ("continue", "reinit"):
+        m = row["modes"][mode]
+        assert m["collapsed"] == 0 and 0 <= m["test_accuracy"]["mean"] <= 1
+        assert m["kept_fraction"]["per_seed"] == [24 / 48]  # round(0.5 * 48) channels go
+        for widths in m["widths"]:
+            assert sum(widths["widths"]) == 24 and len(widths["widths"]) == 8
+    # 2 dense epochs, then the half-width net for 1 epoch (continue) or all 3 (reinit).
+    assert row["modes"]["continue"]["flops_saving"] > 1
+    assert row["modes"]["continue"]["flops_saving"] > row["modes"]["reinit"]["flops_saving"]
+    assert again["ratios"]["0.5"]["eb_epoch"] == row["eb_epoch"]
+    for mode in ("continue", "reinit"):
+        assert again["ratios"]["0.5"]["modes"][mode]["test_accuracy"] == row["modes"][mode]["test_accuracy"]
+    assert summary["dense"]["step_flops"] > 0 and summary["search"]["detection_flops_per_epoch"] > 0
+    assert row["modes"]["continue"]["step_time_ratio"]["mean"] > 0
+    distances = np.load(os.path.join(workdir, "results.npz"))["distance_matrix"]
+    assert distances.shape == (1, 1, 3, 3) and np.all(np.diagonal(distances, axis1=2, axis2=3) == 0)
+    assert "0.5" in eb_table(summary)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [(dict(mask="filter"), "mask="), (dict(retrain=("finetune",)), "retrain="), (dict(ratios=(1.0,)), "ratios="),
+     (dict(search_bits=1), "search_bits="), (dict(model="resnet20", widths=(8,)), "widths=")],
+)
+def test_bad_configs_are_rejected_before_any_work(tmp_path, change, message):
+    config = EarlyBirdConfig(**{**CONFIG.__dict__, "dataset": "no-such-dataset", **change})
+    with pytest.raises(ValueError, match=message):
+        run_early_bird(config, str(tmp_path), progress=False)
