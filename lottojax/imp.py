@@ -197,7 +197,7 @@ def run_imp(
     controls: Sequence[str] = CONTROLS,
     prunable: Spec = None,
     score_fn: Callable[[PyTree], PyTree] = magnitude,
-    seed_strategy: str = "vmap",
+    seed_strategy: str = "auto",
     devices: Devices = None,
     checkpoint_dir: Optional[str] = None,
     progress: bool = True,
@@ -223,8 +223,9 @@ def run_imp(
         (higher = keep); default :func:`lottojax.magnitude` (IMP proper). Close over
         anything else it needs, e.g. ``lambda p: lj.snip(p, apply_fn=..., batch=...)``.
         It is traced inside the compiled level, so it must be jittable.
-      seed_strategy: ``'vmap'`` (one batched program) or ``'map'`` (seeds one after
-        another in one program: bitwise the per-seed results); see :mod:`lottojax.seeds`.
+      seed_strategy: ``'auto'`` (``'map'`` on CPU, ``'vmap'`` on accelerators), ``'vmap'``
+        (one batched program) or ``'map'`` (seeds one after another in one program, each
+        computed as it would be alone); see :mod:`lottojax.seeds`.
       devices: split the seeds across devices: ``'all'`` (every device of every process,
         after ``jax.distributed.initialize()`` on multi-host), a list of devices or a
         :class:`jax.sharding.Mesh`. Seeds are padded to a multiple of the device count
