@@ -49,6 +49,7 @@ from lottojax.masks import apply_mask, ones_like
 from lottojax.optim import set_mask
 from lottojax.prune import prune_global, prune_layerwise
 from lottojax.scores import magnitude
+from lottojax.seeds import device_count, gather, pad_seeds, put_seeded, resolve_strategy, seed_mesh
 from lottojax.train import TrainState, make_trainer
 
 MASKS = ("channel", "weight")
@@ -88,6 +89,8 @@ class EarlyBirdConfig:
     retrain: tuple[str, ...] = RETRAIN_MODES
     seeds: int = 5
     epochs_per_call: int = 10  # epochs per compiled call between checkpoints
+    seed_strategy: str = "auto"  # 'auto', 'vmap' or 'map': see lottojax.seeds.map_seeds
+    devices: Optional[str] = None  # 'all': split the seeds across every device (of every process)
 
 
 def _check(config: EarlyBirdConfig) -> None:
@@ -104,6 +107,8 @@ def _check(config: EarlyBirdConfig) -> None:
         raise ValueError(f"ratios={config.ratios} must be fractions in (0, 1)")
     if config.seeds < 1 or config.epochs < 1 or config.epochs_per_call < 1:
         raise ValueError("seeds, epochs and epochs_per_call must be >= 1")
+    resolve_strategy(config.seed_strategy)
+    seed_mesh(config.devices)
     _model_kwargs(config)
 
 
@@ -158,8 +163,8 @@ def _take(tree, *index):
 class _Phase:
     """A chunked, checkpointed run of an epoch loop (resumes after the last saved chunk).
 
-    ``make_initial()`` builds the starting state; it is only called when there is no
-    checkpoint (a resumed run needs its shapes only).
+    ``make_initial()`` builds the starting state; a resumed run restores into its shapes and
+    shardings.
     """
 
     def __init__(self, directory: str, loop: EpochLoop, make_initial: Callable[[], EpochLoopState]):
@@ -168,18 +173,18 @@ class _Phase:
         self.loop = loop
         options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
-        if self.manager.latest_step() is None:
-            self.carry = {"state": make_initial(), "seconds": np.float64(0.0)}
-        else:
-            shapes = {"state": jax.eval_shape(make_initial), "seconds": np.float64(0.0)}
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, shapes)
+        self.carry = {"state": make_initial(), "seconds": np.float64(0.0)}
+        if self.manager.latest_step() is not None:
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.carry)
             self.carry = self.manager.restore(self.manager.latest_step(), args=ocp.args.StandardRestore(abstract))
 
     def finished(self, num_epochs: int) -> bool:
         state = self.carry["state"]
         return int(state.epoch) >= num_epochs or bool(np.all(np.asarray(state.stopped) >= 0))
 
-    def run(self, data, keys, *, num_epochs: int, chunk: int) -> tuple[EpochLoopState, float]:
+    def run(self, data, keys, *, num_epochs: int, chunk: int, seeds: int) -> tuple[EpochLoopState, float]:
+        """Trains to ``num_epochs`` in chunks; returns the first ``seeds`` seeds' final state
+        (host arrays) and the wall time."""
         import orbax.checkpoint as ocp
 
         if not self.finished(num_epochs):
@@ -192,7 +197,10 @@ class _Phase:
                 self.carry = {"state": state, "seconds": np.float64(self.carry["seconds"] + time.perf_counter() - start)}
                 self.manager.save(int(state.epoch), args=ocp.args.StandardSave(self.carry))
                 self.manager.wait_until_finished()
-        return self.carry["state"], float(self.carry["seconds"])
+        state = gather(self.carry["state"])
+        own = lambda tree: jax.tree.map(lambda x: x[:seeds], tree)  # drops the padding seeds
+        state = state._replace(**{name: own(v) for name, v in state._asdict().items() if name != "epoch"})
+        return state, float(self.carry["seconds"])
 
 
 def _stats(values) -> dict:
@@ -213,7 +221,7 @@ def run_early_bird(config: EarlyBirdConfig, root: str = "runs", *, progress: boo
     checkpoints = os.path.join(workdir, "checkpoint")
     say = print if progress else (lambda *a, **k: None)
     data = load_dataset(config.dataset, data_dir=config.data_dir, validation=config.validation)
-    data = jax.device_put(data)
+    data = put_seeded(data, config.devices, stacked=False)
     steps_per_epoch = data.x_train.shape[0] // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size={config.batch_size} exceeds the {data.x_train.shape[0]} training examples")
@@ -226,12 +234,15 @@ def run_early_bird(config: EarlyBirdConfig, root: str = "runs", *, progress: boo
     search_model = low_precision(model, bits=config.search_bits) if config.search_bits else model
     search_trainer = trainer_for(search_model, config.penalty)
 
-    seed_keys = jax.vmap(jax.random.key)(jnp.arange(config.seeds, dtype=jnp.uint32))
-    init_keys, data_keys, reinit_keys = (jax.vmap(jax.random.fold_in, (0, None))(seed_keys, i) for i in range(3))
+    slots = pad_seeds(range(config.seeds), device_count(config.devices))  # padded to a multiple of the devices
+    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(slots, dtype=jnp.uint32))
+    keys = [jax.vmap(jax.random.fold_in, (0, None))(seed_keys, i) for i in range(3)]
+    init_keys, data_keys, reinit_keys = put_seeded(keys, config.devices, stacked=True)
     one_params = jax.eval_shape(model.init, init_keys[0])[0]
     mask_fn = _mask_fn(config, one_params)
     detection = dict(mask_fn=mask_fn, ratios=config.ratios, window=config.window, eps=config.eps)
-    loop_args = dict(batch_size=config.batch_size, num_epochs=config.epochs)
+    loop_args = dict(batch_size=config.batch_size, num_epochs=config.epochs,
+                     seed_strategy=config.seed_strategy, devices=config.devices)
 
     # 1. The dense baseline, with the masks of every epoch (heatmap) and its own detections.
     dense_loop = make_epoch_loop(trainer, **loop_args, **detection, record_masks=True, evaluate=True)
@@ -239,7 +250,7 @@ def run_early_bird(config: EarlyBirdConfig, root: str = "runs", *, progress: boo
     initial = lambda: jax.jit(dense_loop.init)(init_states())
     say(f"[1/3] dense baseline: {config.seeds} seeds x {config.epochs} epochs")
     dense, dense_seconds = _Phase(os.path.join(checkpoints, "dense"), dense_loop, initial).run(
-        data, data_keys, num_epochs=config.epochs, chunk=config.epochs_per_call)
+        data, data_keys, num_epochs=config.epochs, chunk=config.epochs_per_call, seeds=config.seeds)
 
     # 2. The Early-Bird search: stops each seed when all its ratios have fired.
     search_loop = make_epoch_loop(search_trainer, **loop_args, **detection, stop_at_eb=True, evaluate=False)
@@ -249,7 +260,7 @@ def run_early_bird(config: EarlyBirdConfig, root: str = "runs", *, progress: boo
         initial = lambda: jax.jit(search_loop.init)(init_states())
     say(f"[2/3] Early-Bird search{f' ({config.search_bits}-bit)' if config.search_bits else ''}")
     search, search_seconds = _Phase(os.path.join(checkpoints, "search"), search_loop, initial).run(
-        data, data_keys, num_epochs=config.epochs, chunk=config.epochs_per_call)
+        data, data_keys, num_epochs=config.epochs, chunk=config.epochs_per_call, seeds=config.seeds)
 
     # 3. Retrain every ticket; time its training step side by side with the dense one.
     dense_step = functools.cache(lambda: compiled_step(trainer, _take(jax.device_get(dense.train), 0), data, config.batch_size))

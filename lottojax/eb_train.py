@@ -23,9 +23,11 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from lottojax.early_bird import EarlyBirdState, early_bird_detector
 from lottojax.masks import PyTree
+from lottojax.seeds import AXIS, Devices, map_seeds, seed_mesh
 from lottojax.train import Trainer, TrainState
 
 
@@ -105,6 +107,8 @@ def make_epoch_loop(
     stop_at_eb: bool = False,
     evaluate: bool = True,
     record_masks: bool = False,
+    seed_strategy: str = "auto",
+    devices: Devices = None,
 ) -> EpochLoop:
     """Builds the compiled epoch loop with optional Early-Bird detection.
 
@@ -120,6 +124,12 @@ def make_epoch_loop(
       stop_at_eb: stop each seed once all its ratios have fired.
       evaluate: record validation and test metrics after every epoch.
       record_masks: keep every epoch's masks (for :func:`lottojax.early_bird.mask_distance_matrix`).
+      seed_strategy: how each epoch runs the seeds: ``'auto'``, ``'vmap'`` or ``'map'`` (see
+        :func:`lottojax.seeds.map_seeds`); the results do not depend on it beyond float rounding.
+      devices: split the seeds across devices (``'all'``, a list, or a one-axis ``Mesh``; see
+        :func:`lottojax.seeds.map_seeds`). Every device runs the loop over its own seeds and
+        the devices stop together, so the results equal the unsharded run's. The number of
+        seeds must be a multiple of the device count (:func:`lottojax.seeds.pad_seeds`).
 
     Returns:
       An :class:`EpochLoop`; jit ``run`` (``jax.jit(loop.run)``).
@@ -151,6 +161,7 @@ def make_epoch_loop(
         raise ValueError("mask_fn needs at least one pruning ratio in ratios=")
     detector = early_bird_detector(window, eps) if mask_fn is not None else None
     ratio_array = np.asarray(ratios, np.float32)
+    mesh = seed_mesh(devices)
 
     def masks_of(params):
         return jax.vmap(lambda r: mask_fn(params, r))(jnp.asarray(ratio_array))
@@ -159,7 +170,7 @@ def make_epoch_loop(
         masks = masks_of(params)
         return jax.vmap(detector.update, (0, 0, None))(detectors, masks, epoch), masks
 
-    def init(train_states: TrainState, epoch=0) -> EpochLoopState:
+    def init_local(train_states: TrainState, epoch=0) -> EpochLoopState:
         seeds = jax.tree.leaves(train_states)[0].shape[0]
         nan = jnp.full((seeds, num_epochs), jnp.nan, jnp.float32)
         state = EpochLoopState(
@@ -182,7 +193,7 @@ def make_epoch_loop(
             masks = jax.tree.map(lambda s: jnp.zeros((seeds, num_epochs, *s.shape), jnp.bool_), mask_shapes)
         return state._replace(detector=detectors, ticket=tickets, masks=masks)
 
-    def run(state: EpochLoopState, data, keys: jax.Array, until) -> EpochLoopState:
+    def run_local(state: EpochLoopState, data, keys: jax.Array, until) -> EpochLoopState:
         steps_per_epoch = data.x_train.shape[0] // batch_size
         if steps_per_epoch == 0:
             raise ValueError(f"batch_size={batch_size} exceeds the {data.x_train.shape[0]} training examples")
@@ -197,17 +208,20 @@ def make_epoch_loop(
             test = trainer.evaluate(train.params, train.model_state, data.x_test, data.y_test)
             return train, EpochRecord(jnp.mean(losses), val.loss, val.accuracy, test.accuracy)
 
+        epoch_over_seeds = map_seeds(one_epoch, in_axes=(0, 0, None), strategy=seed_strategy)
+        detect_over_seeds = map_seeds(detect, in_axes=(0, 0, None), strategy=seed_strategy)
+
         def body(state: EpochLoopState) -> EpochLoopState:
             epoch = state.epoch
             running = state.stopped < 0
-            train, row = jax.vmap(one_epoch, (0, 0, None))(state.train, keys, epoch * steps_per_epoch)
+            train, row = epoch_over_seeds(state.train, keys, epoch * steps_per_epoch)
             record = jax.tree.map(
                 lambda rows, r: rows.at[:, epoch].set(jnp.where(running, r, rows[:, epoch])), state.record, row
             )
             new = state._replace(epoch=epoch + 1, train=_where(running, train, state.train), record=record)
             if detector is None:
                 return new
-            detectors, masks = jax.vmap(detect, (0, 0, None))(train.params, state.detector, epoch + 1)
+            detectors, masks = detect_over_seeds(train.params, state.detector, epoch + 1)
             fired_now = running[:, None] & (detectors.epoch == epoch + 1)
             tickets = _where(fired_now, jax.tree.map(lambda x: x[:, None], train), state.ticket)
             stopped = state.stopped
@@ -222,9 +236,27 @@ def make_epoch_loop(
             return new
 
         def keep_going(state: EpochLoopState) -> jax.Array:
-            return (state.epoch < last) & jnp.any(state.stopped < 0)
+            any_running = jnp.any(state.stopped < 0)
+            if mesh is not None:  # every device loops until the last seed of any device stops
+                any_running = jax.lax.psum(any_running.astype(jnp.int32), AXIS) > 0
+            return (state.epoch < last) & any_running
 
         return jax.lax.while_loop(keep_going, body, state)
+
+    if mesh is None:
+        return EpochLoop(init_local, run_local, detect if detector is not None else None)
+    # Sharded: every function sees its device's seeds; the epoch counter is shared.
+    seeded, shared = PartitionSpec(AXIS), PartitionSpec()
+    with_detector = seeded if detector is not None else None
+    specs = EpochLoopState(epoch=shared, train=seeded, stopped=seeded, record=seeded, detector=with_detector,
+                           ticket=with_detector, masks=seeded if record_masks else None)
+    shard = lambda fn, in_specs: jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=specs, check_vma=False)
+
+    def init(train_states: TrainState, epoch=0) -> EpochLoopState:
+        return shard(init_local, (seeded, shared))(train_states, jnp.asarray(epoch, jnp.int32))
+
+    def run(state: EpochLoopState, data, keys: jax.Array, until) -> EpochLoopState:
+        return shard(run_local, (specs, shared, seeded, shared))(state, data, keys, until)
 
     return EpochLoop(init, run, detect if detector is not None else None)
 

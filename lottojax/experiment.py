@@ -94,7 +94,8 @@ def parse_config(config_cls, argv=None, *, description: str = ""):
 
     Returns ``(config, out)`` where ``out`` is the ``--out`` root of the run directories.
     Optional fields take their inner type; bools get ``--flag/--no-flag``; tuples take
-    several values.
+    several values. ``--cpu-devices N`` splits the host CPU into ``N`` JAX devices before
+    JAX starts (with ``--devices all``, the seeds then run side by side on a multi-core CPU).
 
     Examples:
       >>> @dataclasses.dataclass(frozen=True)
@@ -124,8 +125,15 @@ def parse_config(config_cls, argv=None, *, description: str = ""):
             base = inner[0] if typing.get_origin(kind) is typing.Union else kind
             parser.add_argument(flag, type=base, default=field.default, help=f"default: {field.default}")
     parser.add_argument("--out", default="runs", help="root of the run directories (default: runs)")
+    parser.add_argument("--cpu-devices", type=int, default=0,
+                        help="split the CPU into this many JAX devices (with --devices all: seeds in parallel)")
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
+    cpu_devices = args.pop("cpu_devices")
+    if cpu_devices > 0:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", cpu_devices)  # must precede JAX's first computation
     for field in dataclasses.fields(config_cls):
         if typing.get_origin(hints[field.name]) is tuple:
             args[field.name] = tuple(args[field.name])

@@ -50,6 +50,8 @@ class LotteryConfig:
     one_shot: bool = False
     controls: tuple[str, ...] = CONTROLS
     seeds: int = 5
+    seed_strategy: str = "auto"  # 'auto', 'vmap' or 'map': see lottojax.seeds.map_seeds
+    devices: Optional[str] = None  # 'all': split the seeds across every device (of every process)
 
 
 def run_lottery(config: LotteryConfig, root: str = "runs", *, progress: bool = True) -> tuple[IMPResult, str]:
@@ -72,6 +74,7 @@ def run_lottery(config: LotteryConfig, root: str = "runs", *, progress: bool = T
         trainer, data, seeds=range(config.seeds), rounds=config.rounds, fraction=fraction,
         num_steps=config.num_steps, scope=config.scope, rewind_step=config.rewind_step,
         one_shot=config.one_shot, controls=config.controls,
+        seed_strategy=config.seed_strategy, devices=config.devices,
         checkpoint_dir=os.path.join(workdir, "checkpoint"), progress=progress,
     )
     write_json(os.path.join(workdir, "results.json"), {"config": dataclasses.asdict(config), "levels": imp_summary(result)})

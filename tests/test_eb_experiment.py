@@ -2,6 +2,8 @@
 data cannot be downloaded here), resuming, and its configuration checks."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -54,3 +56,32 @@ def test_bad_configs_are_rejected_before_any_work(tmp_path, change, message):
     config = EarlyBirdConfig(**{**CONFIG.__dict__, "dataset": "no-such-dataset", **change})
     with pytest.raises(ValueError, match=message):
         run_early_bird(config, str(tmp_path), progress=False)
+
+
+SHARDED_EXPERIMENT = """
+import json, sys
+from lottojax.eb_experiment import EarlyBirdConfig, run_early_bird
+config = EarlyBirdConfig(widths=(4, 4), epochs=4, batch_size=250, ratios=(0.5,), window=2, eps=1.0, seeds=3,
+                         retrain=("continue",), epochs_per_call=2, devices=sys.argv[2] or None)
+summary, _ = run_early_bird(config, sys.argv[1], progress=False)
+json.dump(summary, open(sys.argv[1] + "/summary.json", "w"))
+"""
+
+
+def test_experiment_sharded_over_two_devices_matches_one_device(tmp_path):
+    """``devices='all'``: 3 seeds padded to 4 over 2 devices; the padding seed is dropped and
+    every per-seed result equals the one-device run's."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    summaries = {}
+    for devices in ("all", ""):
+        out = tmp_path / (devices or "one")
+        out.mkdir()
+        done = subprocess.run([sys.executable, "-c", SHARDED_EXPERIMENT, str(out), devices], env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        summaries[devices] = json.load(open(out / "summary.json"))
+    sharded, one = summaries["all"], summaries[""]
+    assert sharded["ratios"]["0.5"]["eb_epoch"] == one["ratios"]["0.5"]["eb_epoch"] == [2, 2, 2]
+    assert sharded["search"]["stopped"] == one["search"]["stopped"] == [2, 2, 2]
+    assert sharded["dense"]["test_accuracy"]["per_seed"] == one["dense"]["test_accuracy"]["per_seed"]
+    continued = lambda s: s["ratios"]["0.5"]["modes"]["continue"]["test_accuracy"]["per_seed"]
+    assert len(continued(one)) == 3 and continued(sharded) == continued(one)
