@@ -41,7 +41,6 @@ from lottojax.eb_train import (
     EpochLoopState,
     compiled_step,
     detection_flops,
-    interleaved_medians,
     make_epoch_loop,
 )
 from lottojax.experiment import load_dataset, make_optimizer, run_directory, write_json
@@ -50,6 +49,7 @@ from lottojax.optim import set_mask
 from lottojax.prune import prune_global, prune_layerwise
 from lottojax.scores import magnitude
 from lottojax.seeds import device_count, gather, pad_seeds, put_seeded, resolve_strategy, seed_mesh
+from lottojax.timing import interleaved
 from lottojax.train import TrainState, make_trainer
 
 MASKS = ("channel", "weight")
@@ -334,7 +334,8 @@ def _retrain_ticket(config, ticket: TrainState, eb_epoch: int, ratio: float, dat
         }
     loop = make_epoch_loop(trainer, batch_size=config.batch_size, num_epochs=config.epochs, evaluate=True)
     flops, ticket_step = compiled_step(trainer, starts["continue"], data, config.batch_size)
-    dense_seconds, ticket_seconds = interleaved_medians([dense_step, ticket_step])
+    times = interleaved({"dense": dense_step, "ticket": ticket_step}, repeats=7)
+    dense_seconds, ticket_seconds = times["dense"].median, times["ticket"].median
     first = {"continue": eb_epoch, "reinit": 0}
     start_loop = jax.jit(lambda state, epoch: loop.init(jax.tree.map(lambda x: x[None], state), epoch))
     compiled, runs = None, {}

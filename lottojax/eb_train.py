@@ -267,7 +267,7 @@ def compiled_step(trainer: Trainer, state: TrainState, data, batch_size: int) ->
     Returns:
       ``(flops, run)``: the step's FLOPs from XLA's cost analysis, and a zero-argument
       function that runs the compiled step on the first minibatch (for timing, e.g. with
-      :func:`interleaved_medians`).
+      :func:`lottojax.timing.interleaved`).
 
     Examples:
       >>> import optax
@@ -284,28 +284,6 @@ def compiled_step(trainer: Trainer, state: TrainState, data, batch_size: int) ->
     batch = (data.x_train[:batch_size], data.y_train[:batch_size])
     compiled = jax.jit(trainer.step).lower(state, *batch).compile()
     return float(_cost(compiled)["flops"]), lambda: compiled(state, *batch)
-
-
-def interleaved_medians(functions: Sequence[Callable[[], Any]], *, repeats: int = 7) -> list[float]:
-    """Median wall time of each zero-argument function, timed round-robin after a warm-up call
-    of each, so that a change of machine load affects all of them alike.
-
-    Examples:
-      >>> fast, slow = interleaved_medians([lambda: jnp.ones(3), lambda: jnp.ones((300, 300)) @ jnp.ones((300, 300))])
-      >>> fast < slow
-      True
-    """
-    import time
-
-    for function in functions:
-        jax.block_until_ready(function())
-    times = [[] for _ in functions]
-    for _ in range(repeats):
-        for function, record in zip(functions, times):
-            start = time.perf_counter()
-            jax.block_until_ready(function())
-            record.append(time.perf_counter() - start)
-    return [float(np.median(t)) for t in times]
 
 
 def _cost(compiled) -> dict:

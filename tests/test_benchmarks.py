@@ -12,39 +12,37 @@ from pathlib import Path
 
 import pytest
 
+from lottojax import timing
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
 TINY = ["--dataset", "synthetic", "--synthetic-examples", "600", "--repeats", "1", "--warmup", "0",
         "--step-steps", "10", "--seed-steps", "10", "--imp-steps", "10", "--seeds", "2", "--torch-threads", "1"]
 
 
 @pytest.fixture
-def benchmarks(monkeypatch):
-    """The benchmark folder's modules, imported as the scripts import each other."""
+def foundation(monkeypatch):
+    """The foundation benchmark script, imported as a module."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    return importlib.import_module("timing"), importlib.import_module("foundation")
+    return importlib.import_module("foundation")
 
 
-def test_docstring_examples_of_the_benchmark_modules(benchmarks):
-    for module in benchmarks:
-        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
-        assert result.failed == 0, module.__name__
+def test_docstring_examples_of_the_foundation_benchmark(foundation):
+    result = doctest.testmod(foundation, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
 
 
-def test_interleaved_rejects_a_setup_without_its_callable(benchmarks):
-    timing, _ = benchmarks
+def test_interleaved_rejects_a_setup_without_its_callable():
     with pytest.raises(ValueError, match="setups"):
         timing.interleaved({"a": lambda: None}, repeats=1, setups={"b": lambda: ()})
 
 
-def test_torch_comparison_is_skipped_with_the_install_hint_when_torch_is_missing(benchmarks, monkeypatch):
-    _, foundation = benchmarks
+def test_torch_comparison_is_skipped_with_the_install_hint_when_torch_is_missing(foundation, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
     torch, reason = foundation.import_torch(True)
     assert torch is None and 'pip install -e ".[torch]"' in reason
 
 
-def test_foundation_runs_end_to_end_and_both_sides_do_the_same_work(benchmarks, tmp_path, capsys):
-    _, foundation = benchmarks
+def test_foundation_runs_end_to_end_and_both_sides_do_the_same_work(foundation, tmp_path, capsys):
     record = foundation.main([*TINY, "--out", str(tmp_path)])
 
     assert json.loads((tmp_path / "benchmarks" / "foundation.json").read_text()) == json.loads(json.dumps(record))

@@ -32,8 +32,9 @@ import jax.numpy as jnp
 from lottojax.data import load
 from lottojax.early_bird import channel_mask, weight_mask
 from lottojax.eb_experiment import EarlyBirdConfig, make_eb_optimizer
-from lottojax.eb_train import interleaved_medians, make_epoch_loop
+from lottojax.eb_train import make_epoch_loop
 from lottojax.models import create
+from lottojax.timing import interleaved
 from lottojax.train import make_trainer
 
 MASKS = {
@@ -65,7 +66,8 @@ def measure(mask: str, seeds: int, repeats: int, data, config: EarlyBirdConfig) 
     batch = (data.x_train[:config.batch_size], data.y_train[:config.batch_size])
     step = jax.jit(jax.vmap(trainer.step, (0, None, None))).lower(train, *batch).compile()
     runs.append(lambda: [step(train, *batch) for _ in range(steps)][-1])
-    return dict(zip(("epoch", "epoch+EB", "detect", "steps"), interleaved_medians(runs, repeats=repeats)))
+    timings = interleaved(dict(zip(("epoch", "epoch+EB", "detect", "steps"), runs)), repeats=repeats)
+    return {name: timing.median for name, timing in timings.items()}
 
 
 def main(argv=None) -> None:

@@ -64,8 +64,7 @@ from lottojax.experiment import parse_config, write_json
 from lottojax.masks import PyTree
 from lottojax.models import Model, create
 from lottojax.train import Trainer, TrainState, make_trainer
-
-from timing import Comparison, format_table, interleaved
+from lottojax.timing import Comparison, format_table, interleaved
 
 INPUT_SHAPE = (784,)
 LAYERS = ("fc0", "fc1", "output")  # LeNet-300-100's kernels, in order

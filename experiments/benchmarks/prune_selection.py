@@ -13,7 +13,6 @@ Both selections return the same mask (checked).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from unittest import mock
 
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 
 import lottojax as lj
 from lottojax import prune
+from lottojax.timing import interleaved
 
 
 def lexsort_lowest_alive(scores, alive, count):
@@ -41,15 +41,7 @@ def compiled(fn, *args):
 
 def timed(fns: dict, repeats: int) -> dict:
     """name -> median seconds over ``repeats`` interleaved calls, after one warm-up call."""
-    runs = {name: [] for name in fns}
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            runs[name].append(time.perf_counter() - start)
-    return {name: statistics.median(r) for name, r in runs.items()}
+    return {name: timing.median for name, timing in interleaved(fns, repeats=repeats).items()}
 
 
 def selection_cases(size: int, batch: int):

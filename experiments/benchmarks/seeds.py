@@ -41,13 +41,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import format_seconds, interleaved  # noqa: E402
-
 import lottojax as lj  # noqa: E402
 from lottojax.data import Dataset  # noqa: E402
 from lottojax.models import create  # noqa: E402
 from lottojax.seeds import map_seeds, put_seeded  # noqa: E402
+from lottojax.timing import format_seconds, interleaved  # noqa: E402
 from lottojax.train import make_trainer  # noqa: E402
 
 MODELS = {"lenet300100": (784,), "cnn1d": (40,)}

@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks: medians over repeats after warm-up, side by side.
+"""Timing: medians over repeats after warm-up, the cases of a comparison side by side.
 
 Every timed call is blocked on (``jax.block_until_ready``), so JAX's asynchronous dispatch
 cannot hide work. The cases of one comparison run interleaved (A, B, A, B, ...) so that
@@ -6,10 +6,10 @@ load from other processes falls on all of them alike, and each repeat also gives
 ratio. Figures are wall-clock seconds; ``cpu`` is the process CPU time over the same call
 (all threads), so ``cpu / wall`` shows how many cores the call actually kept busy.
 
-Use from a benchmark script in this folder (``python experiments/benchmarks/x.py`` puts the
-folder on ``sys.path``)::
+The benchmarks in ``experiments/benchmarks/`` and the Early-Bird experiment's step timings
+use it::
 
-    from timing import Comparison, format_table, interleaved
+    from lottojax.timing import Comparison, format_table, interleaved
 """
 from __future__ import annotations
 
