@@ -65,3 +65,11 @@ def test_foundation_runs_end_to_end_and_both_sides_do_the_same_work(foundation, 
     assert jax_density == torch_density == pytest.approx(1 - (0.2 * (235200 + 30000) + 0.1 * 1000) / 266200, abs=1e-6)
     assert checks["fraction of new-mask entries where both agree"] > 0.99
     assert checks["|trained weight difference| (median, max)"][0] < 1e-5
+
+
+def test_vmap_cpu_benchmark_runs_end_to_end(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    importlib.import_module("vmap_cpu").main(["--seeds", "2", "--repeats", "1"])
+    printed = capsys.readouterr().out
+    for row in ("x W", "g W^T", "x^T g", "gradients", "sgd", "adam"):
+        assert row in printed
