@@ -17,6 +17,8 @@ well-defined number.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,6 +108,19 @@ def prune_layerwise(scores: PyTree, mask: PyTree, fraction, *, prunable: Spec = 
              [False,  True]], dtype=bool), Array([ True,  True], dtype=bool))
     """
     _check_inputs(scores, mask)
+
+    def prune_leaf(path, m, s, frac):
+        alive = m.reshape(-1)
+        count = _prune_count(frac, jnp.sum(alive, dtype=jnp.int32))
+        removed = _lowest_alive(jnp.asarray(s).reshape(-1), alive, count)
+        return (alive & ~removed).reshape(m.shape)
+
+    return _map_prunable_leaves(prune_leaf, scores, mask, fraction, prunable)
+
+
+def _map_prunable_leaves(prune_leaf: Callable, scores: PyTree, mask: PyTree, fraction, prunable: Spec) -> PyTree:
+    """The mask with ``prune_leaf(path, mask_leaf, score_leaf, fraction)`` applied to every
+    prunable leaf (its fraction checked first); the other leaves are kept."""
     paths, mask_leaves, treedef = leaves_with_paths(mask)
     flags = prunable_flags(mask, prunable)
     fractions = resolve_spec(fraction, mask, name="fraction", default=None)
@@ -115,10 +130,7 @@ def prune_layerwise(scores: PyTree, mask: PyTree, fraction, *, prunable: Spec = 
             new_leaves.append(m)
             continue
         _check_fraction(frac, f"fraction for {path}")
-        alive = m.reshape(-1)
-        count = _prune_count(frac, jnp.sum(alive, dtype=jnp.int32))
-        removed = _lowest_alive(jnp.asarray(s).reshape(-1), alive, count)
-        new_leaves.append((alive & ~removed).reshape(m.shape))
+        new_leaves.append(prune_leaf(path, m, s, frac))
     return jax.tree.unflatten(treedef, new_leaves)
 
 

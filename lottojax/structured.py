@@ -22,8 +22,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from lottojax.masks import PyTree, Spec, check_mask, leaves_with_paths, prunable_flags, resolve_spec
-from lottojax.prune import _check_fraction, _lowest_alive, _prune_count
+from lottojax.masks import PyTree, Spec, check_mask, leaves_with_paths, prunable_flags
+from lottojax.prune import _lowest_alive, _map_prunable_leaves, _prune_count
 
 NORMS = ("l1", "l2")
 
@@ -76,23 +76,17 @@ def prune_channels(
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r} unknown; choose from {NORMS}")
     check_mask(scores, mask, params_name="scores")
-    paths, mask_leaves, treedef = leaves_with_paths(mask)
-    flags = prunable_flags(mask, prunable)
-    fractions = resolve_spec(fraction, mask, name="fraction", default=None)
-    new_leaves = []
-    for path, m, s, flag, frac in zip(paths, mask_leaves, jax.tree.leaves(scores), flags, fractions):
-        if not flag:
-            new_leaves.append(m)
-            continue
-        _check_fraction(frac, f"fraction for {path}")
+
+    def prune_leaf(path, m, s, frac):
         channel_axis = _axis(axis, m.ndim, path)
         m_last = jnp.moveaxis(m, channel_axis, -1)
         s_last = jnp.moveaxis(jnp.asarray(s), channel_axis, -1)
         alive = jnp.any(m_last.reshape(-1, m_last.shape[-1]), axis=0)
         count = _prune_count(frac, jnp.sum(alive, dtype=jnp.int32))
         removed = _lowest_alive(_channel_norms(s_last, m_last, norm), alive, count)
-        new_leaves.append(jnp.moveaxis(m_last & ~removed, -1, channel_axis))
-    return jax.tree.unflatten(treedef, new_leaves)
+        return jnp.moveaxis(m_last & ~removed, -1, channel_axis)
+
+    return _map_prunable_leaves(prune_leaf, scores, mask, fraction, prunable)
 
 
 def prune_nm(scores: PyTree, mask: PyTree, *, n: int, m: int, axis: int = -2, prunable: Spec = None) -> PyTree:
