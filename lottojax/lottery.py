@@ -16,13 +16,13 @@ from typing import Optional
 
 import numpy as np
 
-from lottojax.experiment import load_dataset, make_optimizer, run_directory, write_json
+from lottojax.experiment import TrainingConfig, make_training, run_directory, write_json
 from lottojax.imp import CONTROLS, IMPResult, run_imp
 from lottojax.prune import rates_by_layer
 
 
 @dataclasses.dataclass(frozen=True)
-class LotteryConfig:
+class LotteryConfig(TrainingConfig):
     """Everything that defines a run; the defaults are the MNIST-1D reproduction.
 
     The MLP 40-300-100-10 with Adam 1.2e-3, batch 60, 3000 steps per level, and per-round
@@ -30,17 +30,6 @@ class LotteryConfig:
     scaled to MNIST-1D; 16 rounds reach 2.8% of the hidden-layer weights (3.2% overall).
     """
 
-    model: str = "mlp"
-    dataset: str = "mnist1d"
-    data_dir: Optional[str] = None
-    validation: Optional[int] = None  # None: the loader's default (500 for MNIST-1D, 5000 otherwise)
-    optimizer: str = "adam"
-    learning_rate: float = 1.2e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 60
-    num_steps: int = 3000
-    eval_every: int = 100
     rounds: int = 16
     conv_rate: float = 0.1
     dense_rate: float = 0.2
@@ -56,16 +45,10 @@ class LotteryConfig:
 
 def run_lottery(config: LotteryConfig, root: str = "runs", *, progress: bool = True) -> tuple[IMPResult, str]:
     """Runs (or resumes) the experiment; returns the result and the run directory."""
-    from lottojax.models import create
     from lottojax.report import imp_summary, plot_imp
-    from lottojax.train import make_trainer
 
     workdir = run_directory(root, "lottery", config)
-    data = load_dataset(config.dataset, data_dir=config.data_dir, validation=config.validation)
-    model = create(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
-    optimizer = make_optimizer(config.optimizer, config.learning_rate, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
-    trainer = make_trainer(model, optimizer, batch_size=config.batch_size, eval_every=config.eval_every)
+    data, _, trainer = make_training(config)
     if config.scope == "global":
         fraction = config.dense_rate
     else:

@@ -34,14 +34,14 @@ import dataclasses
 import json
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lottojax.distributions import densities_to_fractions, erk
-from lottojax.experiment import load_dataset, make_optimizer, run_directory, write_json
+from lottojax.experiment import TrainingConfig, make_training, run_directory, write_json
 from lottojax.masks import PyTree, leaves_with_paths, ones_like, prunable_flags
 from lottojax.prune import prune_layerwise, remove_lowest_global
 from lottojax.scores import class_balanced_sample, grasp, magnitude, random_scores, snip, synflow_mask
@@ -51,7 +51,7 @@ METHODS = ("random", "random-erk", "magnitude", "snip", "grasp", "synflow")
 
 
 @dataclasses.dataclass(frozen=True)
-class PruneAtInitConfig:
+class PruneAtInitConfig(TrainingConfig):
     """Everything that defines a run; the defaults are the MNIST-1D comparison.
 
     The MLP 40-300-100-10 trains with Adam 1.2e-3, batch 60, for 3000 steps (the LTH
@@ -61,17 +61,6 @@ class PruneAtInitConfig:
     level 3, 51%, where all methods are within 2.5 points of dense, with ``--levels``).
     """
 
-    model: str = "mlp"
-    dataset: str = "mnist1d"
-    data_dir: Optional[str] = None
-    validation: Optional[int] = None  # None: the loader's default (500 for MNIST-1D, 5000 otherwise)
-    optimizer: str = "adam"
-    learning_rate: float = 1.2e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 60
-    num_steps: int = 3000
-    eval_every: int = 100
     imp_rate: float = 0.2
     levels: tuple[int, ...] = (7, 11, 15, 19, 23)
     methods: tuple[str, ...] = METHODS
@@ -153,20 +142,13 @@ def _save_npz(path: str, **arrays) -> None:
 def run_prune_at_init(config: PruneAtInitConfig, root: str = "runs", *, progress: bool = True) -> tuple[dict, str]:
     """Runs (or resumes) the experiment; returns the summary (as in ``results.json``) and
     the run directory."""
-    from lottojax.models import create
-    from lottojax.train import make_trainer
-
     unknown = set(config.methods) - set(METHODS)
     if unknown:
         raise ValueError(f"methods {sorted(unknown)} unknown; choose from {METHODS}")
     if not config.levels or min(config.levels) < 1:
         raise ValueError(f"levels={config.levels} must be IMP levels >= 1 (level L keeps (1 - imp_rate)^L)")
     workdir = run_directory(root, "prune_at_init", config)
-    data = jax.device_put(load_dataset(config.dataset, data_dir=config.data_dir, validation=config.validation))
-    model = create(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
-    optimizer = make_optimizer(config.optimizer, config.learning_rate, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
-    trainer = make_trainer(model, optimizer, batch_size=config.batch_size, eval_every=config.eval_every)
+    data, model, trainer = make_training(config)
     levels = tuple(sorted(set(config.levels)))
     imp, imp_seconds = _run_imp(config, trainer, data, workdir, progress)
 

@@ -37,8 +37,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import lottojax as lj  # noqa: E402
