@@ -2,9 +2,11 @@
 
 Put :func:`masked_updates` **last** in ``optax.chain``: whatever came before (momentum,
 Adam's moments, weight decay, clipping), the update of a pruned weight is exactly 0, so
-a weight that is 0 stays 0 with no multiply in the forward pass. The mask lives in the
-optimizer state; :func:`set_mask` swaps in a new one with the same shapes and dtype, so
-a jitted train step is not recompiled between pruning rounds.
+a weight that is 0 stays 0 with no multiply in the forward pass. Under ``jit``, XLA folds
+the mask's select into the kernel that already adds each update to its weight, so a
+masked step runs exactly the kernels of a dense one; the mask costs one 1-byte read per
+weight. The mask lives in the optimizer state; :func:`set_mask` swaps in a new one with
+the same shapes and dtype, so a jitted train step is not recompiled between pruning rounds.
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 Every timed call is blocked on (``jax.block_until_ready``), so JAX's asynchronous dispatch
 cannot hide work. The cases of one comparison run interleaved (A, B, A, B, ...) so that
-load from other processes falls on all of them alike, and each repeat also gives a paired
-ratio. Figures are wall-clock seconds; ``cpu`` is the process CPU time over the same call
+load from other processes falls on all of them alike (each round in the reverse order of
+the one before), and each repeat also gives a paired ratio. Figures are wall-clock seconds; ``cpu`` is the process CPU time over the same call
 (all threads), so ``cpu / wall`` shows how many cores the call actually kept busy.
 
 The benchmarks in ``experiments/benchmarks/`` and the Early-Bird experiment's step timings
@@ -13,6 +13,7 @@ use it::
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence
@@ -75,6 +76,10 @@ def interleaved(
 ) -> dict[str, Timing]:
     """Times several zero-argument callables in turn, ``repeats`` rounds after warm-up.
 
+    Each round reverses the previous round's order (A B, B A, A B, ...), so that a case
+    that runs right after another (warm caches, a clock boosted or throttled by it) is
+    not always the same one.
+
     Args:
       fns: name → callable; its result is blocked on. With a setup, it is called on the
         setup's result instead.
@@ -94,7 +99,7 @@ def interleaved(
       >>> out = interleaved({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')},
       ...                   repeats=2, warmup=1, clock=lambda: next(ticks), cpu_clock=lambda: 0.0)
       >>> ''.join(calls), out['a'].wall, out['a'].first_call
-      ('ababab', (1, 1), 1)
+      ('abbaab', (1, 1), 1)
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
@@ -105,8 +110,10 @@ def interleaved(
     first = {name: None for name in fns}
     walls = {name: [] for name in fns}
     cpus = {name: [] for name in fns}
+    order = list(fns)
     for i in range(warmup + repeats):
-        for name, fn in fns.items():
+        for name in order if i % 2 == 0 else reversed(order):  # A B, B A, ...: no case always goes first
+            fn = fns[name]
             wall, cpu = _timed_call(fn, setups.get(name), clock, cpu_clock)
             if i == 0 and warmup:
                 first[name] = wall
@@ -127,6 +134,34 @@ def median_time(fn: Callable, *, repeats: int, warmup: int = 1, setup: Optional[
     """
     setups = None if setup is None else {"fn": setup}
     return interleaved({"fn": fn}, repeats=repeats, warmup=warmup, setups=setups)["fn"]
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> Optional[tuple[float, float]]:
+    """A distribution-free confidence interval for the median of ``values``.
+
+    The interval between the k-th smallest and the k-th largest value covers the median
+    with probability 1 - 2 P(Binomial(n, 1/2) < k), whatever the distribution; k is the
+    largest that keeps this at least ``confidence``. ``None`` when there are too few values
+    (fewer than 6 at 95%).
+
+    Examples:
+      >>> median_interval([1.0, 1.1, 0.9, 1.05, 0.95, 1.2])  # k = 1: the range
+      (0.9, 1.2)
+      >>> median_interval(range(21))  # k = 6: coverage 1 - 2 * 0.0133
+      (5, 15)
+      >>> median_interval([1.0, 1.1, 0.9]) is None
+      True
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    tail = (1.0 - confidence) / 2
+    k, below = 0, 0.0  # below: P(Binomial(n, 1/2) < k)
+    while k < n and below + math.comb(n, k) / 2**n <= tail:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    if k == 0:
+        return None
+    return ordered[k - 1], ordered[n - k]
 
 
 class Comparison(NamedTuple):
@@ -172,19 +207,51 @@ class Comparison(NamedTuple):
         return tuple(n / d for n, d in zip(num, den))
 
     @property
-    def met(self) -> Optional[bool]:
+    def paired_median(self) -> float:
+        """The median of :attr:`paired_ratios`."""
+        return statistics.median(self.paired_ratios)
+
+    @property
+    def paired_interval(self) -> Optional[tuple[float, float]]:
+        """95% confidence interval of :attr:`paired_median` (:func:`median_interval`)."""
+        return median_interval(self.paired_ratios)
+
+    @property
+    def verdict(self) -> Optional[str]:
+        """Against the target: ``'met'`` or ``'NOT MET'`` when the whole 95% interval of the
+        paired median is on one side of the bound, ``'undecided'`` when it straddles it;
+        with too few repeats for an interval, the paired median alone decides. ``None``
+        without a target.
+
+        Examples:
+          >>> t = lambda *w: Timing(w, w)
+          >>> close = Comparison('c', 'step', 1, {'a': t(*[1.0] * 9), 'b': t(*[0.99, 1.01] * 4, 1.0)},
+          ...                    'b', 'a', 'b/a', ('<=', 1.005))
+          >>> close.paired_interval, close.verdict
+          ((0.99, 1.01), 'undecided')
+          >>> close._replace(target=('<=', 1.02)).verdict
+          'met'
+        """
         if self.target is None:
             return None
         op, bound = self.target
-        return self.ratio <= bound if op == "<=" else self.ratio >= bound
+        inside = (lambda r: r <= bound) if op == "<=" else (lambda r: r >= bound)
+        low, high = self.paired_interval or (self.paired_median,) * 2
+        if inside(low) and inside(high):
+            return "met"
+        if not inside(low) and not inside(high):
+            return "NOT MET"
+        return "undecided"
 
     def as_dict(self) -> dict:
         return dict(
             title=self.title, unit=self.unit, work_per_repeat=self.work,
             cases={label: t.as_dict(self.work) for label, t in self.timings.items()},
-            ratio=dict(name=self.ratio_name, value=self.ratio, paired=list(self.paired_ratios), cpu_time=self.cpu_ratio,
+            ratio=dict(name=self.ratio_name, value=self.ratio, paired=list(self.paired_ratios),
+                       paired_median=self.paired_median, paired_interval_95=self.paired_interval,
+                       cpu_time=self.cpu_ratio,
                        target=None if self.target is None else f"{self.target[0]} {self.target[1]}",
-                       met=self.met),
+                       verdict=self.verdict),
             checks=dict(self.checks),
         )
 
@@ -220,7 +287,8 @@ def format_value(value) -> str:
 def format_table(comparisons: Sequence[Comparison]) -> str:
     """The side-by-side table: per case the median per unit of work, the fastest–slowest
     repeat, repeats and cores kept busy; then the ratio of the medians, its range over the
-    interleaved repeats, the ratio of median CPU times and the target.
+    interleaved repeats and the ratio of median CPU times; then the median of the paired
+    ratios, its 95% confidence interval and the verdict against the target.
 
     Examples:
       >>> c = Comparison('masked vs dense', 'step', 10,
@@ -231,7 +299,8 @@ def format_table(comparisons: Sequence[Comparison]) -> str:
         case                                       median/step         fastest–slowest  repeats  cores busy
         dense                                           110 ms           100 ms–120 ms        2         0.9
         masked                                          115 ms           110 ms–120 ms        2         0.9
-        ratio masked/dense                               1.045   per repeat 1.000–1.100  CPU-time ratio 1.050   target <= 1.02: NOT MET
+        ratio masked/dense                               1.045   per repeat 1.000–1.100  CPU-time ratio 1.050
+        paired median 1.050 (too few repeats for a 95% interval)   target <= 1.02: NOT MET
     """
     lines = []
     for c in comparisons:
@@ -241,10 +310,13 @@ def format_table(comparisons: Sequence[Comparison]) -> str:
             low, high = (format_seconds(s / c.work) for s in t.spread)
             lines.append(f"  {label:<40} {format_seconds(t.median / c.work):>13}   {low + '–' + high:>21}"
                          f"  {len(t.wall):>7}  {t.cores_busy:>10.1f}")
-        paired = c.paired_ratios
-        verdict = "" if c.met is None else f"   target {c.target[0]} {c.target[1]:g}: {'met' if c.met else 'NOT MET'}"
+        paired, interval = c.paired_ratios, c.paired_interval
         lines.append(f"  {'ratio ' + c.ratio_name:<40} {c.ratio:>13.3f}   {'per repeat ' + f'{min(paired):.3f}–{max(paired):.3f}':>21}"
-                     f"  CPU-time ratio {c.cpu_ratio:.3f}{verdict}")
+                     f"  CPU-time ratio {c.cpu_ratio:.3f}")
+        spread = ("(too few repeats for a 95% interval)" if interval is None
+                  else f"(95% interval {interval[0]:.3f}–{interval[1]:.3f})")
+        verdict = "" if c.verdict is None else f"   target {c.target[0]} {c.target[1]:g}: {c.verdict}"
+        lines.append(f"  paired median {c.paired_median:.3f} {spread}{verdict}")
         for name, value in c.checks.items():
             lines.append(f"  check {name}: {format_value(value)}")
         lines.append("")

@@ -10,13 +10,14 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lottojax import timing
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
 TINY = ["--dataset", "synthetic", "--synthetic-examples", "600", "--repeats", "1", "--warmup", "0",
-        "--step-steps", "10", "--seed-steps", "10", "--imp-steps", "10", "--seeds", "2", "--torch-threads", "1"]
+        "--step-steps", "10", "--step-repeats", "1", "--seed-steps", "10", "--imp-steps", "10", "--seeds", "2", "--torch-threads", "1"]
 
 
 @pytest.fixture
@@ -34,6 +35,14 @@ def test_docstring_examples_of_the_foundation_benchmark(foundation):
 def test_interleaved_rejects_a_setup_without_its_callable():
     with pytest.raises(ValueError, match="setups"):
         timing.interleaved({"a": lambda: None}, repeats=1, setups={"b": lambda: ()})
+
+
+@pytest.mark.parametrize("n", [6, 9, 25])
+def test_median_interval_covers_the_true_median_at_least_95_percent_of_the_time(n):
+    # skewed data (exponential, true median ln 2): the interval must not assume symmetry
+    samples = np.random.default_rng(n).exponential(size=(4000, n))
+    covered = [low <= np.log(2) <= high for low, high in map(timing.median_interval, samples)]
+    assert 0.95 <= np.mean(covered) <= 0.995  # conservative, but not the whole range (k >= 1)
 
 
 def test_torch_comparison_is_skipped_with_the_install_hint_when_torch_is_missing(foundation, monkeypatch):
@@ -54,6 +63,7 @@ def test_foundation_runs_end_to_end_and_both_sides_do_the_same_work(foundation, 
         assert c["ratio"]["value"] > 0 and c["ratio"]["name"] in table
         assert all(case["repeats"] == 1 for case in c["cases"].values())
     assert comparisons["1"]["ratio"]["target"] == "<= 1.02"
+    assert comparisons["1"]["ratio"]["verdict"] in ("met", "NOT MET")  # one repeat: no interval, so never undecided
     # the Python loop trains on exactly the scanned epoch's batches; vmapped seeds equal single runs
     assert comparisons["2"]["checks"]["max |loss difference| over the epoch"] < 1e-5
     assert comparisons["3"]["checks"]["max |loss difference| vmapped vs per seed"] < 1e-5
@@ -73,3 +83,11 @@ def test_vmap_cpu_benchmark_runs_end_to_end(monkeypatch, capsys):
     printed = capsys.readouterr().out
     for row in ("x W", "g W^T", "x^T g", "gradients", "sgd", "adam"):
         assert row in printed
+
+
+def test_xla_cpu_dots_benchmark_compiles_both_ways_and_trains_the_same(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    dots = importlib.import_module("xla_cpu_dots")
+    monkeypatch.setattr(dots, "CASES", dots.CASES[:1])
+    (comparison,) = dots.main(["--steps", "3", "--repeats", "1"])
+    assert comparison.checks["first-step loss difference"] < 1e-5  # same step, products summed in another order
