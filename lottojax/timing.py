@@ -1,10 +1,11 @@
 """Timing: medians over repeats after warm-up, the cases of a comparison side by side.
 
 Every timed call is blocked on (``jax.block_until_ready``), so JAX's asynchronous dispatch
-cannot hide work. The cases of one comparison run interleaved (A, B, A, B, ...) so that
-load from other processes falls on all of them alike (each round in the reverse order of
-the one before), and each repeat also gives a paired ratio. Figures are wall-clock seconds; ``cpu`` is the process CPU time over the same call
-(all threads), so ``cpu / wall`` shows how many cores the call actually kept busy.
+cannot hide work. The cases of one comparison run interleaved (A B, B A, A B, ...: each
+round in the reverse order of the one before) so that load from other processes falls on
+all of them alike, and each repeat also gives a paired ratio. Figures are wall-clock
+seconds; ``cpu`` is the process CPU time over the same call (all threads), so
+``cpu / wall`` shows how many cores the call actually kept busy.
 
 The benchmarks in ``experiments/benchmarks/`` and the Early-Bird experiment's step timings
 use it::
@@ -113,8 +114,7 @@ def interleaved(
     order = list(fns)
     for i in range(warmup + repeats):
         for name in order if i % 2 == 0 else reversed(order):  # A B, B A, ...: no case always goes first
-            fn = fns[name]
-            wall, cpu = _timed_call(fn, setups.get(name), clock, cpu_clock)
+            wall, cpu = _timed_call(fns[name], setups.get(name), clock, cpu_clock)
             if i == 0 and warmup:
                 first[name] = wall
             if i >= warmup:
