@@ -46,7 +46,7 @@ def main(argv=None):
     if jax.process_index() == 0:
         arrays = {k: v for k, v in result._asdict().items() if isinstance(v, np.ndarray)}
         arrays["val_loss"] = result.history.val_loss
-        arrays["mask"] = np.concatenate([np.asarray(m).reshape(len(result.seeds), -1) for m in jax.tree.leaves(result.mask)], 1)
+        arrays["mask"] = np.concatenate([np.asarray(m).reshape(len(result.seeds), -1) for m in jax.tree.leaves(result.masks[-1])], 1)
         np.savez(args.out, devices=jax.device_count(), processes=jax.process_count(), **arrays)
 
 

@@ -44,7 +44,7 @@ def test_levels_have_exact_per_layer_density_and_controls_behave(setup):
     assert np.all((result.final_accuracy > 0.3) & (result.final_accuracy <= 1.0))
     # The returned mask is the one trained at the last level, per seed.
     for seed in range(2):
-        mask = jax.tree.map(lambda m: m[seed], result.mask)
+        mask = jax.tree.map(lambda m: m[seed], result.masks[-1])
         assert float(lj.density(mask)) == pytest.approx(result.density[-1, seed])
 
 
@@ -120,3 +120,49 @@ def test_rewind_step_trains_from_k(setup):
 def test_bad_arguments_are_named(setup, kwargs, message):
     with pytest.raises(ValueError, match=message):
         imp(setup, **kwargs)
+
+
+def test_checkpoint_of_another_optimizer_is_refused_never_reused(setup, tmp_path):
+    """A run resumed with only the learning rate changed must not hand back the old numbers."""
+    trainer, data = setup
+    model = create("mlp", input_shape=(10,), hidden=(32,), num_classes=4)
+    other = make_trainer(model, optax.chain(optax.adam(0.5), lj.masked_updates()), batch_size=24, eval_every=10)
+    imp(setup, rounds=0, checkpoint_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="other settings.*program"):
+        run_imp(other, data, seeds=[0, 1], rounds=0, fraction=RATES, num_steps=40, progress=False,
+                checkpoint_dir=str(tmp_path))
+    changed = data._replace(x_test=data.x_test + 1.0)
+    with pytest.raises(ValueError, match="other settings.*data"):
+        imp((trainer, changed), rounds=0, checkpoint_dir=str(tmp_path))
+
+
+def test_every_level_keeps_its_ticket_and_a_finished_run_extends(setup, tmp_path):
+    three = imp(setup, rounds=2, checkpoint_dir=str(tmp_path / "a"))
+    assert len(three.masks) == 3
+    np.testing.assert_allclose([np.mean([float(lj.density(jax.tree.map(lambda m: m[s], mask)))
+                                         for s in range(2)]) for mask in three.masks],
+                               three.density.mean(1), rtol=1e-6)
+    assert all(np.all(m) for m in jax.tree.leaves(three.masks[0])), "level 0 trains the dense network"
+    for earlier, later in zip(three.masks, three.masks[1:]):  # masks only shrink
+        assert all(np.all(b <= a) for a, b in zip(jax.tree.leaves(earlier), jax.tree.leaves(later)))
+    mask, theta = three.ticket(2, seed_index=1)
+    assert jax.tree.structure(mask) == jax.tree.structure(theta)
+    np.testing.assert_array_equal(jax.tree.leaves(three.rewind_params)[0], jax.tree.leaves(three.init_params)[0])
+
+    two = imp(setup, rounds=1, checkpoint_dir=str(tmp_path / "b"))
+    computed = []
+    extended = imp(setup, rounds=2, checkpoint_dir=str(tmp_path / "b"), on_level=lambda level, _: computed.append(level))
+    assert computed == [2], "levels 0 and 1 came from the shorter run"
+    for a, b in zip(jax.tree.leaves(three), jax.tree.leaves(extended)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert len(two.masks) == 2
+
+
+def test_imp_starts_from_given_weights(setup):
+    trainer, _ = setup
+    given = jax.tree.map(lambda x: jnp.full(x.shape, 0.05, x.dtype), trainer.init(jax.random.key(9)).params)
+    result = imp(setup, rounds=0, controls=(), init_params=given)
+    for leaf in jax.tree.leaves(result.init_params):
+        np.testing.assert_array_equal(leaf, np.full(leaf.shape, 0.05, leaf.dtype))
+    with pytest.raises(ValueError, match=r"init_params leaf fc0/bias has shape \(1,\); expected \(32,\) or \(2, 32\)"):
+        imp(setup, rounds=0, init_params=jax.tree.map(lambda x: x[:1], given))

@@ -8,7 +8,8 @@ import pytest
 
 import lottojax as lj
 from lottojax.data import Dataset
-from lottojax.imp import _describe, run_imp
+from lottojax.checkpoint import describe as _describe
+from lottojax.imp import run_imp
 from lottojax.models import create
 from lottojax.train import make_trainer
 

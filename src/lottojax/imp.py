@@ -14,31 +14,32 @@ All arms of all seeds train in one ``jax.vmap``-ed, jitted program per level (th
 mask is computed inside it), so the whole run compiles once, whatever the number of
 levels. With ``one_shot=True`` level ``L`` instead prunes the *dense* trained weights
 directly to ``1 - (1 - p)^L`` (per layer), the one-shot baseline of the paper.
-A run given a ``checkpoint_dir`` saves after every level (orbax) and resumes from the
-last finished level when called again with the same arguments.
+A run given a ``checkpoint_dir`` saves after every level and resumes from the last
+finished level when called again; the directory is tied to everything that determines
+the result (see :mod:`lottojax.checkpoint`), so a changed model, optimizer, learning
+rate or dataset is refused instead of resumed. Every level's ticket mask is kept
+(``IMPResult.masks``, and ``levels/level-NNNN.npz`` in the checkpoint directory), with
+``θ0`` and ``θ_k``.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 from functools import partial
+from types import MappingProxyType
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lottojax.checkpoint import Checkpointer, array_digest, describe, load_arrays, program_fingerprint, save_arrays
 from lottojax.masks import PyTree, Spec, apply_mask, density, leaves_with_paths, ones_like, prunable_flags, resolve_spec
 from lottojax.optim import set_mask
 from lottojax.prune import prune_global, prune_layerwise
 from lottojax.rewind import shuffle_mask
 from lottojax.scores import magnitude
-from lottojax.seeds import Devices, device_count, gather, map_seeds, pad_seeds, put_seeded
+from lottojax.seeds import Devices, device_count, gather, map_seeds, pad_seeds, put_seeded, seed_keys
 from lottojax.train import History, Trainer, TrainState, early_stop
-
-CONTROLS = ("reinit", "shuffle")
-
 
 class IMPResult(NamedTuple):
     """Per level, seed and arm (``arms[0]`` is always ``'ticket'``), as numpy arrays.
@@ -51,8 +52,10 @@ class IMPResult(NamedTuple):
       early_stop_step: ``(levels, seeds, arms)`` step of minimum validation loss.
       early_stop_accuracy: ``(levels, seeds, arms)`` test accuracy at that step.
       history: a :class:`lottojax.train.History` with leaves ``(levels, seeds, arms, evals)``.
-      mask: the ticket mask trained at the last level, leaves ``(seeds, *param shape)``
-        (the ``shuffle`` control's mask is its per-layer permutation).
+      masks: one ticket mask per level (the mask trained there; level 0 is dense), leaves
+        ``(seeds, *param shape)``. The ``shuffle`` control's mask is its per-layer permutation.
+      init_params: ``θ0``, leaves ``(seeds, ...)``.
+      rewind_params: ``θ_k``, the weights every ticket is rewound to (``θ0`` when ``k = 0``).
     """
 
     arms: tuple[str, ...]
@@ -62,7 +65,22 @@ class IMPResult(NamedTuple):
     early_stop_step: np.ndarray
     early_stop_accuracy: np.ndarray
     history: History
-    mask: Optional[PyTree] = None
+    masks: tuple = ()
+    init_params: Optional[PyTree] = None
+    rewind_params: Optional[PyTree] = None
+
+    def ticket(self, level: int, seed_index: Optional[int] = None) -> tuple[PyTree, PyTree]:
+        """``(mask, θ_k)`` of the ticket trained at ``level`` (all seeds, or one seed's)."""
+        if not 0 <= level < len(self.masks):
+            raise ValueError(f"level={level} is outside the {len(self.masks)} levels of this result")
+        mask, params = self.masks[level], self.rewind_params
+        if seed_index is not None:
+            mask, params = _take((mask, params), seed_index)
+        return mask, params
+
+    def level_at_density(self, target: float) -> int:
+        """The level whose mean density is closest to ``target`` (a fraction, e.g. ``0.113``)."""
+        return int(np.argmin(np.abs(self.density.mean(axis=1) - target)))
 
 
 def level_fraction(per_round: float, level: int, one_shot: bool) -> float:
@@ -74,20 +92,6 @@ def level_fraction(per_round: float, level: int, one_shot: bool) -> float:
       (0.2, 0.488)
     """
     return 1.0 - (1.0 - per_round) ** level if one_shot else per_round
-
-
-def run_keys(seeds: Sequence[int]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The keys :func:`run_imp` derives from each seed: ``(init, data order, controls)``,
-    each of shape ``(len(seeds),)``; ``θ_k`` of seed ``s`` is ``trainer.init(init[s])``
-    trained ``k`` steps with key ``data[s]``.
-
-    Examples:
-      >>> init, data, control = run_keys([0, 1, 2])
-      >>> init.shape, bool((jax.random.key_data(init) != jax.random.key_data(data)).any())
-      ((3,), True)
-    """
-    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-    return tuple(jax.vmap(jax.random.fold_in, (0, None))(keys, i) for i in range(3))
 
 
 def _fraction_tree(fraction: Spec, params: PyTree, prunable: Spec, level: int, one_shot: bool) -> PyTree:
@@ -116,13 +120,27 @@ def _with_mask(state: TrainState, params: PyTree, mask: PyTree) -> TrainState:
     return state._replace(params=apply_mask(params, mask), opt_state=set_mask(state.opt_state, mask))
 
 
-def _arm_start(arm: str, rewind_state: TrainState, mask: PyTree, trainer: Trainer, key, prunable) -> TrainState:
-    if arm == "ticket":
-        return _with_mask(rewind_state, rewind_state.params, mask)
-    if arm == "reinit":
-        return trainer.init(jax.random.fold_in(key, 0), mask)._replace(step=rewind_state.step)
+def ticket_start(rewind_state: TrainState, mask: PyTree, *, trainer: Trainer, key, prunable) -> TrainState:
+    """The ticket: the mask on ``θ_k`` with ``θ_k``'s optimizer state."""
+    return _with_mask(rewind_state, rewind_state.params, mask)
+
+
+def reinit_start(rewind_state: TrainState, mask: PyTree, *, trainer: Trainer, key, prunable) -> TrainState:
+    """Random reinitialisation: the mask on a fresh ``θ0'`` with a fresh optimizer, from step ``k``."""
+    return trainer.init(jax.random.fold_in(key, 0), mask)._replace(step=rewind_state.step)
+
+
+def shuffle_start(rewind_state: TrainState, mask: PyTree, *, trainer: Trainer, key, prunable) -> TrainState:
+    """Random pruning: the mask permuted within each layer, on ``θ_k``."""
     shuffled = shuffle_mask(mask, key=jax.random.fold_in(key, 1), prunable=prunable)
     return _with_mask(rewind_state, rewind_state.params, shuffled)
+
+
+#: The arms of an IMP level, by name: ``(rewind_state, mask, *, trainer, key, prunable) ->
+#: the TrainState the arm trains from``. ``ticket`` always runs; the others are the
+#: ``controls``. A new arm is one function and one entry here.
+ARMS = MappingProxyType({"ticket": ticket_start, "reinit": reinit_start, "shuffle": shuffle_start})
+CONTROLS = ("reinit", "shuffle")
 
 
 def _make_level(trainer: Trainer, arms, *, scope, prunable, rewind_step, num_steps, one_shot, score_fn):
@@ -131,7 +149,7 @@ def _make_level(trainer: Trainer, arms, *, scope, prunable, rewind_step, num_ste
 
     def level_one_seed(rewind_state, mask, dense_params, fractions, level, data, data_key, control_key):
         control_key = jax.random.fold_in(control_key, level)
-        starts = _stack([_arm_start(a, rewind_state, mask, trainer, control_key, prunable) for a in arms])
+        starts = _stack([ARMS[a](rewind_state, mask, trainer=trainer, key=control_key, prunable=prunable) for a in arms])
         train = partial(trainer.train, data=data, key=data_key, start=rewind_step, num_steps=num_steps - rewind_step)
         final, history = jax.vmap(lambda s: train(s))(starts)
         ticket_params = _take(final.params, 0)
@@ -153,36 +171,6 @@ def _make_level(trainer: Trainer, arms, *, scope, prunable, rewind_step, num_ste
     return level_one_seed
 
 
-def _describe(value, depth: int = 0):
-    """A JSON value that stays the same across processes: callables by module, name and
-    the values they close over (no memory addresses), other objects by their repr.
-
-    Examples:
-      >>> from lottojax.prune import rates_by_layer
-      >>> _describe(rates_by_layer(conv=0.1, dense=0.2, output=0.1))
-      {'callable': 'lottojax.prune.rates_by_layer.<locals>.rate', 'closure': [0.1, 0.2, 0.1, 'output']}
-    """
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        pass
-    if isinstance(value, partial) and depth < 3:
-        return {"partial": _describe(value.func, depth + 1), "args": [_describe(a, depth + 1) for a in value.args],
-                "keywords": {k: _describe(v, depth + 1) for k, v in sorted(value.keywords.items())}}
-    if callable(value) and hasattr(value, "__qualname__"):
-        name = f"{getattr(value, '__module__', '')}.{value.__qualname__}"
-        cells = getattr(value, "__closure__", None) or ()
-        if not cells or depth >= 3:
-            return name
-        return {"callable": name, "closure": [_describe(c.cell_contents, depth + 1) for c in cells]}
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
-
-
-def _run_signature(**settings) -> dict:
-    return {k: _describe(v) for k, v in settings.items()}
-
-
 def run_imp(
     trainer: Trainer,
     data,
@@ -197,6 +185,7 @@ def run_imp(
     controls: Sequence[str] = CONTROLS,
     prunable: Spec = None,
     score_fn: Callable[[PyTree], PyTree] = magnitude,
+    init_params: Optional[PyTree] = None,
     seed_strategy: str = "auto",
     devices: Devices = None,
     checkpoint_dir: Optional[str] = None,
@@ -209,7 +198,8 @@ def run_imp(
       trainer: from :func:`lottojax.train.make_trainer`; its optimizer must end with
         :func:`lottojax.masked_updates`.
       data: a :class:`lottojax.data.Dataset` (with a validation split: early stopping).
-      seeds: integer seeds; seed ``s`` derives every key of its run from ``jax.random.key(s)``.
+      seeds: integer seeds; seed ``s`` derives every key of its run from ``jax.random.key(s)``
+        (the streams of :data:`lottojax.seeds.KEY_STREAMS`).
       rounds: pruning rounds after the dense level (levels ``0..rounds``).
       fraction: per-round rate: a float, a prefix pytree, or ``(path, leaf) -> float``
         (e.g. :func:`lottojax.rates_by_layer`); with ``scope='global'`` a float.
@@ -217,12 +207,16 @@ def run_imp(
       scope: ``'layerwise'`` (per-layer rates, the LTH setting) or ``'global'``.
       rewind_step: ``k``; survivors are reset to their values after ``k`` dense steps.
       one_shot: prune the dense weights straight to each level's density.
-      controls: any of ``('reinit', 'shuffle')``.
+      controls: any of ``('reinit', 'shuffle')`` (the keys of :data:`ARMS` but ``ticket``).
       prunable: which leaves may be pruned (default ``ndim >= 2``).
       score_fn: ``params -> scores`` used to prune the trained weights at every level
         (higher = keep); default :func:`lottojax.magnitude` (IMP proper). Close over
         anything else it needs, e.g. ``lambda p: lj.snip(p, apply_fn=..., batch=...)``.
         It is traced inside the compiled level, so it must be jittable.
+      init_params: start from these weights instead of ``trainer.init``'s (e.g. a
+        pre-trained network): one params tree for every seed, or leaves stacked
+        ``(seeds, ...)``. Model and optimizer state still come from ``trainer.init``
+        (optax's optimizers initialise from shapes only, so this is a fresh optimizer).
       seed_strategy: ``'auto'`` (``'map'`` on CPU, ``'vmap'`` on accelerators), ``'vmap'``
         (one batched program) or ``'map'`` (seeds one after another in one program, each
         computed as it would be alone); see :mod:`lottojax.seeds`.
@@ -230,16 +224,20 @@ def run_imp(
         after ``jax.distributed.initialize()`` on multi-host), a list of devices or a
         :class:`jax.sharding.Mesh`. Seeds are padded to a multiple of the device count
         (extra runs are dropped). ``None``: the default device.
-      checkpoint_dir: save after each level; resume from there.
+      checkpoint_dir: save after each level; resume from there. The directory is tied to
+        everything that determines the result: these arguments, the traced training
+        program (model, optimizer and its hyperparameters, batch size, evaluation
+        interval) and the data; a call that differs in any of them is refused. ``rounds``
+        is not part of it: call again with more rounds to extend a finished run.
       progress: show a progress bar over levels.
       on_level: called with ``(level, result_so_far)`` after each level is saved.
 
     Returns:
       An :class:`IMPResult`.
     """
-    unknown = set(controls) - set(CONTROLS)
+    unknown = set(controls) - set(ARMS) | ({"ticket"} & set(controls))
     if unknown:
-        raise ValueError(f"controls {sorted(unknown)} unknown; choose from {CONTROLS}")
+        raise ValueError(f"controls {sorted(unknown)} unknown; choose from {tuple(a for a in ARMS if a != 'ticket')}")
     if scope not in ("layerwise", "global"):
         raise ValueError(f"scope={scope!r}: use 'layerwise' or 'global'")
     if not 0 <= rewind_step < num_steps:
@@ -254,9 +252,12 @@ def run_imp(
     data = put_seeded(data, devices, stacked=False)
     over_seeds = lambda fn, in_axes: jax.jit(map_seeds(fn, in_axes=in_axes, strategy=seed_strategy, devices=devices))
 
-    init_keys, data_keys, control_keys = put_seeded(run_keys(slots), devices, stacked=True)
+    init_keys, data_keys, control_keys = (put_seeded(seed_keys(slots, s), devices, stacked=True)
+                                          for s in ("init", "data", "control"))
     init_state = over_seeds(lambda k: trainer.init(k), (0,))(init_keys)
     shapes = jax.eval_shape(trainer.init, jax.random.key(0)).params
+    if init_params is not None:
+        init_state = init_state._replace(params=_seeded_params(init_params, shapes, slots, devices))
     one_params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)  # for paths and shapes
     fractions_at = lambda level: _fraction_tree(fraction, one_params, prunable, level, one_shot)
     if scope == "global":
@@ -270,38 +271,44 @@ def run_imp(
         one_shot=one_shot, score_fn=score_fn,
     )
     level_fn = over_seeds(level_one_seed, (0, 0, 0, None, None, None, 0, 0))
-
     levels = rounds + 1
     masks = over_seeds(ones_like, (0,))(init_state.params)
+    carry = dict(level=np.array(0, np.int32), mask=masks, dense_params=init_state.params, rewind_state=init_state)
     level_args = lambda carry, level: (
         carry["rewind_state"], carry["mask"], carry["dense_params"], fractions_at(level + 1),
         np.int32(level), data, data_keys, control_keys,
     )
-    carry = dict(level=np.array(0, np.int32), mask=masks, trained_mask=masks, dense_params=init_state.params,
-                 rewind_state=init_state)
     record_shape = jax.eval_shape(level_fn, *level_args(carry, 0))[0]
-    carry["results"] = jax.tree.map(lambda s: np.full((levels, *s.shape), -1 if s.dtype == jnp.int32 else np.nan, s.dtype), record_shape)
-    signature = _run_signature(seeds=list(seeds), rounds=rounds, fraction=fraction, num_steps=num_steps, scope=scope,
-                               rewind_step=rewind_step, one_shot=one_shot, controls=list(controls),
-                               **({} if score_fn is magnitude else {"score_fn": score_fn}),
-                               **({} if slots == seeds else {"seed_slots": len(slots)}))
-    manager = _checkpoints(checkpoint_dir, signature)
-    if manager is not None and manager.latest_step() is not None:
-        carry = _restore(manager, carry)
+    record_template = dict(record=record_shape, mask=masks)
+
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint = Checkpointer(checkpoint_dir, _signature(
+            trainer, data, init_state, num_steps=num_steps, seeds=list(seeds), fraction=fraction, scope=scope,
+            rewind_step=rewind_step, one_shot=one_shot, controls=list(controls), prunable=prunable,
+            score_fn=score_fn, init_params=init_params, seed_slots=len(slots)))
+    done = []  # per finished level: host copies of its record and the mask it trained
+    unit, carry = (None, carry) if checkpoint is None else checkpoint.restore(carry)
+    if unit is not None:
+        done = [load_arrays(_level_file(checkpoint_dir, level), record_template) for level in range(min(unit, levels))]
+        if progress:
+            print(f"resuming {checkpoint.directory} at level {unit}", flush=True)
     elif rewind_step > 0:
         to_k = over_seeds(partial(trainer.run_steps, start=0, num_steps=rewind_step), (0, None, 0))
         carry["rewind_state"], _ = to_k(init_state, data, data_keys)
 
-    bar = _progress(levels, int(carry["level"]), progress)
-    for level in range(int(carry["level"]), levels):
+    rewind_params = gather(carry["rewind_state"].params)
+    init_host = gather(init_state.params)
+    bar = _progress(levels, len(done), progress)
+    for level in range(len(done), levels):
         record, next_mask, dense_params = level_fn(*level_args(carry, level))
-        for store, value in zip(jax.tree.leaves(carry["results"]), jax.tree.leaves(gather(record))):
-            store[level] = value
-        carry.update(level=np.array(level + 1, np.int32), mask=next_mask, trained_mask=carry["mask"],
-                     dense_params=dense_params)
-        if manager is not None:
-            _save(manager, level + 1, carry)
-        result = _as_result(carry, arms, seeds, level + 1, with_mask=False)
+        done.append(dict(record=gather(record), mask=gather(carry["mask"])))
+        carry.update(level=np.array(level + 1, np.int32), mask=next_mask, dense_params=dense_params)
+        if checkpoint is not None:
+            if jax.process_index() == 0:
+                save_arrays(_level_file(checkpoint_dir, level), done[-1])
+            checkpoint.save(level + 1, carry)
+        result = _as_result(done, arms, seeds, init_host, rewind_params)
         if bar is not None:
             bar.set_postfix(density=f"{result.density[-1].mean():.3f}", ticket=f"{result.early_stop_accuracy[-1, :, 0].mean():.3f}")
             bar.update()
@@ -309,53 +316,55 @@ def run_imp(
             on_level(level, result)
     if bar is not None:
         bar.close()
-    return _as_result(carry, arms, seeds, levels, with_mask=True)
+    return _as_result(done[:levels], arms, seeds, init_host, rewind_params)
 
 
-def _checkpoints(directory: Optional[str], signature: dict):
-    if directory is None:
-        return None
-    import orbax.checkpoint as ocp
-
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "run.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        if saved != signature:
-            changed = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
-            raise ValueError(
-                f"checkpoint_dir {directory} holds a run with other settings (saved, now): {changed}. "
-                "Use a new directory, or delete this one to start over."
-            )
-    else:
-        with open(path, "w") as f:
-            json.dump(signature, f, indent=1)
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(directory, "levels")), options=options)
-
-
-def _save(manager, level: int, carry: dict) -> None:
-    import orbax.checkpoint as ocp
-
-    manager.save(level, args=ocp.args.StandardSave(carry))
-    manager.wait_until_finished()
+def _seeded_params(init_params: PyTree, shapes: PyTree, slots, devices) -> PyTree:
+    """``init_params`` as leaves ``(len(slots), ...)``: broadcast when given for one seed."""
+    n = len(slots)
+    given = jax.tree.leaves(init_params)
+    expected = jax.tree.leaves(shapes)
+    if jax.tree.structure(init_params) != jax.tree.structure(shapes):
+        raise ValueError("init_params must have the structure of trainer.init's params "
+                         f"({jax.tree.structure(shapes).num_leaves} leaves)")
+    paths = leaves_with_paths(shapes)[0]
+    stacked = []
+    for path, x, s in zip(paths, given, expected):
+        x = jnp.asarray(x, s.dtype)
+        if x.shape == s.shape:
+            x = jnp.broadcast_to(x, (n, *s.shape))
+        elif x.shape[1:] == s.shape and x.shape[0] <= n:
+            x = jnp.concatenate([x, jnp.broadcast_to(x[-1], (n - x.shape[0], *s.shape))])
+        else:
+            raise ValueError(f"init_params leaf {path} has shape {x.shape}; expected {s.shape} "
+                             f"or {(n, *s.shape)} for the seeds")
+        stacked.append(x)
+    return put_seeded(jax.tree.unflatten(jax.tree.structure(shapes), stacked), devices, stacked=True)
 
 
-def _restore(manager, carry: dict) -> dict:
-    import orbax.checkpoint as ocp
+def _signature(trainer: Trainer, data, init_state: TrainState, *, num_steps: int, **settings) -> dict:
+    """What determines an IMP run's result, as JSON (see ``checkpoint_dir`` of :func:`run_imp`)."""
+    one_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), init_state)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    data_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), data)
+    program = program_fingerprint(trainer.train, one_state, data_shapes, key, 0, num_steps=num_steps)
+    init = program_fingerprint(trainer.init, key)
+    return dict(program=program, init=init, data=array_digest(data), num_steps=num_steps,
+                **{k: describe(v) for k, v in settings.items() if v is not None and v is not magnitude})
 
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, carry)
-    restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
-    restored["results"] = jax.tree.map(np.array, restored["results"])
-    return restored
+
+def _level_file(directory: str, level: int) -> str:
+    os.makedirs(os.path.join(directory, "levels"), exist_ok=True)
+    return os.path.join(directory, "levels", f"level-{level:04d}.npz")
 
 
-def _as_result(carry: dict, arms, seeds, levels: int, *, with_mask: bool) -> IMPResult:
+def _as_result(done: list, arms, seeds, init_params, rewind_params) -> IMPResult:
     n = len(seeds)
-    done = jax.tree.map(lambda x: x[:levels, :n], carry["results"])
-    mask = jax.tree.map(lambda m: np.asarray(m)[:n], gather(carry["trained_mask"])) if with_mask else None
-    return IMPResult(arms=arms, seeds=seeds, history=done.pop("history"), mask=mask, **done)
+    records = jax.tree.map(lambda *xs: np.stack(xs)[:, :n], *[d["record"] for d in done])
+    masks = tuple(jax.tree.map(lambda m: np.asarray(m)[:n], d["mask"]) for d in done)
+    cut = lambda tree: jax.tree.map(lambda x: np.asarray(x)[:n], tree)
+    return IMPResult(arms=arms, seeds=seeds, history=records.pop("history"), masks=masks,
+                     init_params=cut(init_params), rewind_params=cut(rewind_params), **records)
 
 
 def _progress(total: int, initial: int, enabled: bool):

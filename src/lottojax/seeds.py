@@ -29,6 +29,33 @@ STRATEGIES = ("auto", "vmap", "map")
 AXIS = "seeds"
 Devices = Union[None, str, Sequence[Any], Mesh]
 
+#: The named key streams of a seed, defined once for every experiment: stream ``name``
+#: of seed ``s`` is ``jax.random.key(s)`` folded in with each index of ``KEY_STREAMS[name]``
+#: in turn. ``init``: θ0; ``data``: the data order; ``control``: the IMP controls (reinit,
+#: shuffle); ``copies``: the data orders of the stability copies; ``mask``: the random
+#: draws of pruning at initialisation (derived from ``init``, as it always was).
+KEY_STREAMS = {"init": (0,), "data": (1,), "control": (2,), "copies": (3,), "mask": (0, 2)}
+
+
+def seed_keys(seeds: Sequence[int], stream: str) -> jax.Array:
+    """The keys of one named stream (:data:`KEY_STREAMS`) for each seed, shape ``(len(seeds),)``.
+
+    Examples:
+      >>> keys = seed_keys([0, 1, 2], 'init')
+      >>> keys.shape, bool((jax.random.key_data(keys) != jax.random.key_data(seed_keys([0, 1, 2], 'data'))).any())
+      ((3,), True)
+      >>> seed_keys([0], 'weights')
+      Traceback (most recent call last):
+      ...
+      ValueError: stream='weights' unknown; the key streams are ['init', 'data', 'control', 'copies', 'mask']
+    """
+    if stream not in KEY_STREAMS:
+        raise ValueError(f"stream={stream!r} unknown; the key streams are {list(KEY_STREAMS)}")
+    keys = jax.vmap(jax.random.key)(np.asarray([int(s) for s in seeds], np.uint32))
+    for index in KEY_STREAMS[stream]:
+        keys = jax.vmap(jax.random.fold_in, (0, None))(keys, index)
+    return keys
+
 
 def resolve_strategy(strategy: str) -> str:
     """``'auto'`` → ``'map'`` on CPU, ``'vmap'`` on accelerators; others unchanged.

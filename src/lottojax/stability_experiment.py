@@ -11,8 +11,8 @@ it the same way. For each ``k`` in ``config.rewind_steps``, for all seeds at onc
    same two data orders, and the test error along the segment between them
    (:func:`lottojax.stability.instability`, BatchNorm statistics recomputed at each
    point). Both networks of all seeds, both copies each, train in one vmapped program.
-   ``θ_k`` is IMP's rewind point (keys from :func:`lottojax.imp.run_keys`); the copies'
-   data orders come from ``fold_in(key(seed), 3)``, a stream IMP does not use.
+   ``θ_k`` is IMP's rewind point; the copies' data orders come from the ``copies``
+   key stream (:data:`lottojax.seeds.KEY_STREAMS`), which IMP does not use.
 
 It writes into ``<root>/stability-<config hash>/``: ``config.json``, ``results.json``
 (per ``k``: mean, std and per-seed values), ``results.npz`` (every array, the curves
@@ -22,7 +22,6 @@ along the path included), ``stability.png`` and ``checkpoint/`` plus ``imp-k<k>/
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from functools import partial
@@ -33,7 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lottojax.experiment import load_dataset, make_optimizer, run_directory, write_json
-from lottojax.imp import CONTROLS, _checkpoints, _save, run_imp, run_keys
+from lottojax.checkpoint import Checkpointer
+from lottojax.imp import CONTROLS, run_imp
+from lottojax.seeds import seed_keys
 from lottojax.masks import ones_like
 from lottojax.stability import instability, recompute_batch_stats
 
@@ -210,7 +211,7 @@ def _instability_program(trainer, *, start: int, num_steps: int, num_points: int
 
 
 def _states_at(trainer, data, seeds, k: int):
-    init_keys, data_keys, _ = run_keys(seeds)
+    init_keys, data_keys = seed_keys(seeds, "init"), seed_keys(seeds, "data")
     state = jax.jit(jax.vmap(lambda key: trainer.init(key)))(init_keys)
     if k == 0:
         return state
@@ -225,8 +226,8 @@ def _one_rewind_step(config, trainer, model, data, k: int, workdir: str, progres
                   prunable=_prunable(config), checkpoint_dir=os.path.join(workdir, f"imp-k{k}"), progress=progress)
     theta_k = _states_at(trainer, data, seeds, k)
     masks = jax.tree.map(lambda dense, ticket: jnp.stack([dense, jnp.asarray(ticket)], axis=1),
-                         jax.vmap(ones_like)(theta_k.params), imp.mask)
-    copy_keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 3))(jnp.asarray(seeds, jnp.uint32))
+                         jax.vmap(ones_like)(theta_k.params), imp.masks[-1])
+    copy_keys = seed_keys(seeds, "copies")
     program = _instability_program(trainer, start=k, num_steps=config.num_steps - k, num_points=config.num_points,
                                    recompute=_recompute(model, data, config))
     path = jax.device_get(program(theta_k, copy_keys, masks, data))
@@ -254,8 +255,8 @@ def run_stability(config: StabilityConfig, root: str = "runs", *, progress: bool
     trainer = make_trainer(model, optimizer, batch_size=config.batch_size, eval_every=config.eval_every)
 
     ks = list(config.rewind_steps)
-    manager = _checkpoints(os.path.join(workdir, "checkpoint"), json.loads(json.dumps(dataclasses.asdict(config))))
-    carry = _load(manager)
+    checkpoint = Checkpointer(os.path.join(workdir, "checkpoint"), dataclasses.asdict(config))
+    carry = _load(checkpoint)
     for i, k in enumerate(ks):
         if carry is not None and i < int(carry["done"]):
             continue
@@ -268,7 +269,7 @@ def run_stability(config: StabilityConfig, root: str = "runs", *, progress: bool
         for name, value in record.items():
             carry["results"][name][i] = value
         carry["done"] = np.array(i + 1, np.int32)
-        _save(manager, i + 1, carry)
+        checkpoint.save(i + 1, carry)
         if progress:
             table = stability_table(_as_result(carry, config, i + 1)).splitlines()
             print(f"k={k} done in {record['seconds']:.0f} s\n{table[0]}\n{table[-1]}", flush=True)
@@ -277,13 +278,9 @@ def run_stability(config: StabilityConfig, root: str = "runs", *, progress: bool
     return result, workdir
 
 
-def _load(manager) -> Optional[dict]:
+def _load(checkpoint: Checkpointer) -> Optional[dict]:
     """The saved sweep (numpy arrays), or None before the first ``k`` is done."""
-    if manager.latest_step() is None:
-        return None
-    import orbax.checkpoint as ocp
-
-    return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
+    return checkpoint.restore()[1]
 
 
 def _as_result(carry: dict, config: StabilityConfig, done: int) -> StabilityResult:
