@@ -3,22 +3,19 @@
     python experiments/lottery.py                       # MNIST-1D MLP, 5 seeds, 16 rounds
     python experiments/lottery.py --model lenet300100 --dataset fashion-mnist --num-steps 5000
     python experiments/lottery.py --dataset tfds:cifar10 --model conv2 --learning-rate 2e-4
-    python experiments/lottery.py --rewind-step 200 --scope global
+    python experiments/lottery.py --rewind-step 200 --scope global --seeds 10-14
 
 Prints a table (density; per arm the test accuracy at the early-stop iteration and that
-iteration, mean ± std over seeds) and writes results and a plot to the run directory.
-Re-running the same command resumes a killed run from its last finished level.
+iteration, mean ± std over seeds) and writes results, tickets and a plot to the run
+directory. Re-running the same command resumes a killed run from its last finished level;
+the same command with more --rounds continues a finished run.
 """
-from lottojax.experiment import parse_config
-from lottojax.lottery import LotteryConfig, run_lottery
-from lottojax.report import imp_table
+from lottojax.experiments import cli
+from lottojax.experiments.lottery import LotteryConfig, imp_table, run_lottery
 
 
 def main(argv=None) -> None:
-    config, out = parse_config(LotteryConfig, argv, description=__doc__)
-    result, workdir = run_lottery(config, out)
-    print(imp_table(result))
-    print(f"\nresults, plot and checkpoint in {workdir}/")
+    cli.main(run_lottery, LotteryConfig, argv, description=__doc__, experiment="lottery", report=lambda r: print(imp_table(r)))
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ import optax
 
 import lottojax as lj
 from lottojax.data import Dataset, hold_out_validation, load
-from lottojax.experiment import parse_config, write_json
+from lottojax.checkpoint import write_json
+from lottojax.experiments.cli import parse_config
 from lottojax.masks import PyTree
 from lottojax.models import Model, create
 from lottojax.train import Trainer, TrainState, make_trainer

@@ -279,7 +279,7 @@ def run_imp(
         np.int32(level), data, data_keys, control_keys,
     )
     record_shape = jax.eval_shape(level_fn, *level_args(carry, 0))[0]
-    record_template = dict(record=record_shape, mask=masks)
+    record_template = (masks, record_shape)
 
     checkpoint = None
     if checkpoint_dir is not None:
@@ -291,6 +291,7 @@ def run_imp(
     unit, carry = (None, carry) if checkpoint is None else checkpoint.restore(carry)
     if unit is not None:
         done = [load_arrays(_level_file(checkpoint_dir, level), record_template) for level in range(min(unit, levels))]
+        done = [dict(mask=mask, record=record) for mask, record in done]
         if progress:
             print(f"resuming {checkpoint.directory} at level {unit}", flush=True)
     elif rewind_step > 0:
@@ -306,7 +307,7 @@ def run_imp(
         carry.update(level=np.array(level + 1, np.int32), mask=next_mask, dense_params=dense_params)
         if checkpoint is not None:
             if jax.process_index() == 0:
-                save_arrays(_level_file(checkpoint_dir, level), done[-1])
+                save_arrays(_level_file(checkpoint_dir, level), (done[-1]["mask"], done[-1]["record"]))
             checkpoint.save(level + 1, carry)
         result = _as_result(done, arms, seeds, init_host, rewind_params)
         if bar is not None:
@@ -356,6 +357,20 @@ def _signature(trainer: Trainer, data, init_state: TrainState, *, num_steps: int
 def _level_file(directory: str, level: int) -> str:
     os.makedirs(os.path.join(directory, "levels"), exist_ok=True)
     return os.path.join(directory, "levels", f"level-{level:04d}.npz")
+
+
+def saved_masks(checkpoint_dir: str, mask_template: PyTree, levels: int) -> tuple:
+    """The ticket masks of levels ``0..levels-1`` that :func:`run_imp` saved in
+    ``checkpoint_dir`` (leaves ``(seed slots, ...)``, shaped like ``mask_template``)."""
+    treedef = jax.tree.structure(mask_template)
+    masks = []
+    for level in range(levels):
+        path = os.path.join(checkpoint_dir, "levels", f"level-{level:04d}.npz")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing: level {level} of this run was not saved")
+        with np.load(path) as saved:  # a (mask, record) tuple: the mask's leaves come first
+            masks.append(jax.tree.unflatten(treedef, [saved[f"arr_{i}"] for i in range(treedef.num_leaves)]))
+    return tuple(masks)
 
 
 def _as_result(done: list, arms, seeds, init_params, rewind_params) -> IMPResult:

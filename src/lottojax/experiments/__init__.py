@@ -1,0 +1,25 @@
+"""The experiment layer: every experiment as ``Config`` + ``run(config, root) -> (result, workdir)``.
+
+The pure core (:mod:`lottojax`) never imports this package. Here live what the
+experiments share — one base config and builder (:mod:`~lottojax.experiments.base`), run
+directories, the results writer and statistics (:mod:`~lottojax.experiments.store`),
+plotting (:mod:`~lottojax.experiments.plots`) and the command line
+(:mod:`~lottojax.experiments.cli`) — and the experiments themselves.
+"""
+from lottojax.experiments.base import ConfigError, ExperimentConfig, Setup, build, make_optimizer
+from lottojax.experiments.lottery import LotteryConfig, imp_table, load_lottery, run_lottery
+from lottojax.experiments.store import mean_std, stats
+
+__all__ = [
+    "ConfigError",
+    "ExperimentConfig",
+    "LotteryConfig",
+    "Setup",
+    "build",
+    "imp_table",
+    "load_lottery",
+    "make_optimizer",
+    "mean_std",
+    "run_lottery",
+    "stats",
+]

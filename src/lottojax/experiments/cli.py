@@ -1,0 +1,134 @@
+"""The command line of every experiment script: flags from a config's fields.
+
+Every field becomes ``--field-name`` with the help text and choices of its metadata;
+``--seeds`` takes a count, a list or a range; bad values are argparse errors (exit 2)
+that name the flag, raised before any directory is created. :func:`main` runs the
+experiment, says when it resumes, and on Ctrl-C says how to resume.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from typing import Callable, Optional
+
+from lottojax.experiments.base import ConfigError
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``'5'`` → seeds 0-4; ``'0,3,7'`` → those; ``'10-14'`` → 10 to 14 inclusive.
+
+    Examples:
+      >>> parse_seeds('3'), parse_seeds('0,3,7'), parse_seeds('10-12'), parse_seeds('1-2,5')
+      ((0, 1, 2), (0, 3, 7), (10, 11, 12), (1, 2, 5))
+      >>> parse_seeds('0')
+      Traceback (most recent call last):
+      ...
+      argparse.ArgumentTypeError: '0': a count must be >= 1 (or give a list such as 0,3,7)
+    """
+    text = text.strip()
+    try:
+        if text.isdigit():
+            if int(text) < 1:
+                raise argparse.ArgumentTypeError(f"{text!r}: a count must be >= 1 (or give a list such as 0,3,7)")
+            return tuple(range(int(text)))
+        seeds: list[int] = []
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            low_i, high_i = int(low), int(high or low)
+            if low_i < 0 or high_i < low_i:
+                raise ValueError
+            seeds.extend(range(low_i, high_i + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count (5), a list (0,3,7) or a range (10-14)") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: a seed is repeated")
+    return tuple(seeds)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def build_parser(config_cls, *, description: str = "", presets: Optional[dict] = None) -> argparse.ArgumentParser:
+    """The argument parser of ``config_cls`` (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), default=next(iter(presets)),
+                            help="a named setting: its defaults, overridden by the other flags "
+                                 f"(default: {next(iter(presets))})")
+    hints = typing.get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        help_text = field.metadata.get("help", "")
+        choices = [c for c in field.metadata.get("choices") or () if c is not None] or None
+        default = field.default
+        inner = [a for a in typing.get_args(kind) if a is not type(None)]
+        if field.name == "seeds":
+            parser.add_argument(flag, type=parse_seeds, default=None,
+                                help=f"{help_text} (default: {len(default)})")
+        elif kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{help_text} (default: {default})")
+        elif typing.get_origin(kind) is tuple:
+            shown = " ".join(map(str, default)) or "none"
+            parser.add_argument(flag, nargs="*", type=inner[0], default=None, choices=choices,
+                                help=f"{help_text} (default: {shown})")
+        else:
+            base = inner[0] if typing.get_origin(kind) is typing.Union else kind
+            parser.add_argument(flag, type=base, default=None, choices=choices, help=f"{help_text} (default: {default})")
+    parser.add_argument("--out", default="runs", help="root of the run directories (default: runs)")
+    parser.add_argument("--cpu-devices", type=_positive_int, default=None,
+                        help="split the CPU into this many JAX devices (with --devices all: seeds side by side)")
+    return parser
+
+
+def parse_config(config_cls, argv=None, *, description: str = "", presets: Optional[dict] = None):
+    """``(config, out)`` from command-line flags; exits with status 2 and a message naming
+    the flag on bad input, before anything is written.
+
+    Examples:
+      >>> from lottojax.experiments.lottery import LotteryConfig
+      >>> config, out = parse_config(LotteryConfig, ['--seeds', '2-3', '--rounds', '4'])
+      >>> config.seeds, config.rounds, out
+      ((2, 3), 4, 'runs')
+    """
+    parser = build_parser(config_cls, description=description, presets=presets)
+    args = vars(parser.parse_args(argv))
+    out, cpu_devices = args.pop("out"), args.pop("cpu_devices")
+    if presets:
+        config_cls = presets[args.pop("preset")]
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if v is not None}
+    try:
+        config = config_cls(**values)
+        getattr(config, "check", lambda: None)()
+    except ConfigError as error:
+        parser.error(f"argument --{error.field.replace('_', '-')}: {error.message}")
+    if cpu_devices:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", cpu_devices)  # must precede JAX's first computation
+    return config, out
+
+
+def main(run: Callable, config_cls, argv=None, *, description: str = "", experiment: str,
+         report: Callable = print, presets: Optional[dict] = None) -> None:
+    """Parses the flags, runs ``run(config, out)`` -> ``(result, workdir)`` and prints
+    ``report(result)``; on Ctrl-C says how to resume (exit status 130)."""
+    from lottojax.experiments.store import run_directory
+
+    config, out = parse_config(config_cls, argv, description=description, presets=presets)
+    workdir = run_directory(out, experiment, config)
+    try:
+        result, workdir = run(config, out)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted. Finished work is saved in {workdir}/; run the same command again to resume.",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    report(result)
+    print(f"\nresults, plots and checkpoints in {workdir}/")
