@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lottojax.masks import PyTree, Spec, check_mask, leaves_with_paths, prunable_flags, resolve_spec
+from lottojax.masks import PyTree, Spec, check_mask, prunable_leaves, resolve_spec
 
 
 def _check_fraction(value, where: str) -> None:
@@ -121,8 +121,7 @@ def prune_layerwise(scores: PyTree, mask: PyTree, fraction, *, prunable: Spec = 
 def _map_prunable_leaves(prune_leaf: Callable, scores: PyTree, mask: PyTree, fraction, prunable: Spec) -> PyTree:
     """The mask with ``prune_leaf(path, mask_leaf, score_leaf, fraction)`` applied to every
     prunable leaf (its fraction checked first); the other leaves are kept."""
-    paths, mask_leaves, treedef = leaves_with_paths(mask)
-    flags = prunable_flags(mask, prunable)
+    paths, mask_leaves, treedef, flags = prunable_leaves(mask, prunable)
     fractions = resolve_spec(fraction, mask, name="fraction", default=None)
     new_leaves = []
     for path, m, s, flag, frac in zip(paths, mask_leaves, jax.tree.leaves(scores), flags, fractions):
@@ -167,10 +166,7 @@ def remove_lowest_global(scores: PyTree, mask: PyTree, count, *, prunable: Spec 
       (Array([[False, False]], dtype=bool), Array([[ True, False]], dtype=bool))
     """
     check_mask(scores, mask, params_name="scores")
-    _, mask_leaves, treedef = leaves_with_paths(mask)
-    flags = prunable_flags(mask, prunable)
-    if not any(flags):
-        raise ValueError("no leaf of the mask is prunable; pass prunable= to say which are")
+    _, mask_leaves, treedef, flags = prunable_leaves(mask, prunable)
     picked = [i for i, f in enumerate(flags) if f]
     score_leaves = jax.tree.leaves(scores)
     alive = jnp.concatenate([mask_leaves[i].reshape(-1) for i in picked])
@@ -189,14 +185,26 @@ def remove_lowest_global(scores: PyTree, mask: PyTree, count, *, prunable: Spec 
 def rates_by_layer(*, conv: float, dense: float, output: float, output_name: str = "output"):
     """A per-leaf fraction spec from layer kind, as the LTH paper sets its rates.
 
-    Leaves whose path contains ``output_name`` get ``output``; other leaves with
-    ``ndim >= 3`` (conv kernels) get ``conv``; the rest get ``dense``.
+    Leaves whose path has a component equal to ``output_name`` get ``output``; other
+    leaves with ``ndim >= 3`` (conv kernels) get ``conv``; the rest get ``dense``.
+
+    The returned ``(path, leaf) -> rate`` callable carries a ``check_tree`` hook, which
+    the pruning functions call with the whole tree: if no leaf path contains
+    ``output_name`` (a head named ``head``, ``out`` or ``Dense_1``), they raise
+    ``ValueError`` listing the kernel paths, instead of silently giving the head the
+    hidden-layer rate.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> lth = rates_by_layer(conv=0.1, dense=0.2, output=0.1)
       >>> lth('conv0/kernel', jnp.ones((3, 3, 1, 8))), lth('fc0/kernel', jnp.ones((4, 4))), lth('output/kernel', jnp.ones((4, 2)))
       (0.1, 0.2, 0.1)
+      >>> from lottojax import ones_like
+      >>> params = {'Dense_0': {'kernel': jnp.ones((4, 4))}, 'Dense_1': {'kernel': jnp.ones((4, 2))}}
+      >>> prune_layerwise(params, ones_like(params), lth)
+      Traceback (most recent call last):
+      ...
+      ValueError: rates_by_layer: no leaf path has a component named 'output'... ['Dense_0/kernel', 'Dense_1/kernel']... output_name=...
     """
 
     def rate(path: str, leaf) -> float:
@@ -204,4 +212,16 @@ def rates_by_layer(*, conv: float, dense: float, output: float, output_name: str
             return output
         return conv if jnp.ndim(leaf) >= 3 else dense
 
+    def check_tree(paths, leaves) -> None:
+        if any(output_name in path.split("/") for path in paths):
+            return
+        kernels = [p for p, x in zip(paths, leaves) if jnp.ndim(x) >= 2] or list(paths)
+        raise ValueError(
+            f"rates_by_layer: no leaf path has a component named {output_name!r}, so no layer would "
+            f"get the output rate {output}; the kernel paths are {kernels[:10]}"
+            f"{' ...' if len(kernels) > 10 else ''}. Pass output_name= the name of the output "
+            f"layer (e.g. rates_by_layer(..., output_name='head') for 'head/kernel')."
+        )
+
+    rate.check_tree = check_tree
     return rate
