@@ -18,7 +18,7 @@ from lottojax.early_bird import (
     weight_mask,
 )
 from lottojax.masks import apply_mask, check_mask, density, format_report, layer_report, ones_like, sparsity
-from lottojax.optim import MaskedUpdatesState, get_mask, masked_updates, set_mask
+from lottojax.optim import MaskedUpdatesState, get_mask, mask_state, masked_updates, set_mask
 from lottojax.prune import prune_global, prune_layerwise, rates_by_layer
 from lottojax.rewind import random_reinit, rewind, shuffle_mask
 from lottojax.scores import class_balanced_sample, grasp, magnitude, random_scores, snip, synflow, synflow_mask
@@ -55,6 +55,7 @@ __all__ = [
     "magnitude",
     "map_seeds",
     "mask_distance_matrix",
+    "mask_state",
     "masked_updates",
     "ones_like",
     "prune_channels",
