@@ -28,16 +28,7 @@ from jax.sharding import PartitionSpec
 from lottojax.early_bird import EarlyBirdState, early_bird_detector
 from lottojax.masks import PyTree
 from lottojax.seeds import AXIS, Devices, map_seeds, seed_mesh
-from lottojax.train import Trainer, TrainState
-
-
-class EpochRecord(NamedTuple):
-    """Per seed and epoch (NaN where the epoch was not trained, or not evaluated)."""
-
-    train_loss: jax.Array
-    val_loss: jax.Array
-    val_accuracy: jax.Array
-    test_accuracy: jax.Array
+from lottojax.train import History, Trainer, TrainState
 
 
 class EpochLoopState(NamedTuple):
@@ -47,7 +38,10 @@ class EpochLoopState(NamedTuple):
       epoch: int32 scalar, epochs trained so far by the seeds still running.
       train: the :class:`lottojax.train.TrainState` of every seed (leading seed axis).
       stopped: ``(seeds,)`` int32, the epoch at which a seed stopped; -1 while it runs.
-      record: an :class:`EpochRecord` of ``(seeds, num_epochs)`` arrays.
+      record: a :class:`lottojax.train.History` of ``(seeds, num_epochs)`` arrays, one row
+        per epoch: the same record type as the step loop's ``Trainer.train`` (``step``: the
+        global step at the end of the epoch; -1 and NaN where the epoch was not trained or
+        not evaluated).
       detector: an :class:`lottojax.early_bird.EarlyBirdState` per seed and ratio
         (leading axes ``(seeds, ratios)``); ``None`` without detection. Its ``epoch`` is
         the number of epochs trained when the ticket was drawn.
@@ -61,7 +55,7 @@ class EpochLoopState(NamedTuple):
     epoch: jax.Array
     train: TrainState
     stopped: jax.Array
-    record: EpochRecord
+    record: History
     detector: Optional[EarlyBirdState]
     ticket: Optional[TrainState]
     masks: Optional[PyTree]
@@ -177,7 +171,7 @@ def make_epoch_loop(
             epoch=jnp.asarray(epoch, jnp.int32),
             train=train_states,
             stopped=jnp.full((seeds,), -1, jnp.int32),
-            record=EpochRecord(nan, nan, nan, nan),
+            record=History(jnp.full((seeds, num_epochs), -1, jnp.int32), nan, nan, nan, nan, nan),
             detector=None,
             ticket=None,
             masks=None,
@@ -201,12 +195,13 @@ def make_epoch_loop(
 
         def one_epoch(train, key, start):
             train, losses = trainer.run_steps(train, data, key, start, steps_per_epoch)
+            end = jnp.asarray(start + steps_per_epoch, jnp.int32)
             if not evaluate:
                 nan = jnp.full((), jnp.nan, jnp.float32)
-                return train, EpochRecord(jnp.mean(losses), nan, nan, nan)
+                return train, History(end, jnp.mean(losses), nan, nan, nan, nan)
             val = trainer.evaluate(train.params, train.model_state, data.x_val, data.y_val)
             test = trainer.evaluate(train.params, train.model_state, data.x_test, data.y_test)
-            return train, EpochRecord(jnp.mean(losses), val.loss, val.accuracy, test.accuracy)
+            return train, History(end, jnp.mean(losses), val.loss, val.accuracy, test.loss, test.accuracy)
 
         epoch_over_seeds = map_seeds(one_epoch, in_axes=(0, 0, None), strategy=seed_strategy)
         detect_over_seeds = map_seeds(detect, in_axes=(0, 0, None), strategy=seed_strategy)
