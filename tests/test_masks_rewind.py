@@ -33,6 +33,34 @@ def test_prunable_spec_as_prefix_bool_and_predicate():
         lj.density(mask, lambda path, leaf: leaf.sum() > 0)
 
 
+def test_prefix_spec_is_matched_by_path_not_container():
+    from flax.core import FrozenDict
+
+    mask = lj.ones_like(FrozenDict(PARAMS))
+    mask = mask.copy({"output": {"kernel": jnp.zeros((4, 2), bool), "bias": mask["output"]["bias"]}})
+    assert float(lj.density(mask, {"fc0": True, "output": False})) == pytest.approx(1.0)
+    assert float(lj.density(mask, {"fc0": {"kernel": False, "bias": False}, "output": True})) == pytest.approx(2 / 10)
+    with pytest.raises(ValueError, match=r"entry fc1 matches no leaf .*\['fc0/bias', 'fc0/kernel', 'output/bias', 'output/kernel'\]"):
+        lj.density(mask, {"fc0": True, "fc1": True, "output": False})
+
+
+def test_structure_errors_are_short_and_name_the_node():
+    tupled = {"fc0": (PARAMS["fc0"]["bias"], PARAMS["fc0"]["kernel"]), "output": PARAMS["output"]}
+    with pytest.raises(ValueError, match="paths in params but not in mask: \\['fc0/bias', 'fc0/kernel'\\]") as err:
+        lj.check_mask(PARAMS, lj.ones_like(tupled))
+    assert "PyTreeDef" not in str(err.value)
+
+
+def test_apply_mask_takes_a_mask_in_other_containers():
+    from flax.core import FrozenDict
+
+    mask = lj.prune_layerwise(lj.magnitude(PARAMS), lj.ones_like(PARAMS), 0.5)
+    pruned = lj.apply_mask(PARAMS, FrozenDict(mask))
+    assert type(pruned) is dict
+    for p, q in zip(jax.tree.leaves(pruned), jax.tree.leaves(lj.apply_mask(PARAMS, mask))):
+        np.testing.assert_array_equal(p, q)
+
+
 def test_density_under_jit_and_vmap():
     masks = jax.vmap(lambda k: jax.tree.map(lambda x: jax.random.bernoulli(k, 0.5, x.shape), PARAMS))(
         jax.random.split(jax.random.key(0), 3)

@@ -163,3 +163,23 @@ def test_errors_name_what_is_wrong():
         lj.set_mask(state, bad)
     with pytest.raises(ValueError, match="fc0/kernel"):
         optax.chain(optax.sgd(0.1), lj.masked_updates(bad)).init(PARAMS)
+
+
+def test_masked_updates_lays_its_mask_out_like_the_params():
+    from flax.core import FrozenDict
+
+    mask = lj.prune_layerwise(lj.magnitude(PARAMS), lj.ones_like(PARAMS), 0.5)
+    tx = optax.chain(optax.sgd(0.1), lj.masked_updates(FrozenDict(mask)))
+    state = tx.init(PARAMS)
+    assert jax.tree.structure(lj.get_mask(state)) == jax.tree.structure(mask)
+    state = lj.set_mask(state, FrozenDict(lj.ones_like(PARAMS)))
+    assert jax.tree.structure(lj.get_mask(state)) == jax.tree.structure(mask)
+    assert jax.tree.structure(lj.get_mask(state, like=FrozenDict(PARAMS))) == jax.tree.structure(FrozenDict(mask))
+
+
+def test_set_mask_params_check_names_the_unzeroed_leaf():
+    state = optax.chain(optax.sgd(0.1), lj.masked_updates()).init(PARAMS)
+    mask = lj.prune_layerwise(lj.magnitude(PARAMS), lj.ones_like(PARAMS), 0.5)
+    with pytest.raises(ValueError, match=r"params leaf fc0/kernel has 64 non-zero weights where the new mask is False"):
+        lj.set_mask(state, mask, params=PARAMS)
+    lj.set_mask(state, mask, params=lj.apply_mask(PARAMS, mask))

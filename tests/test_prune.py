@@ -212,3 +212,21 @@ def test_nothing_prunable_raises():
         lj.prune_global(params, lj.ones_like(params), 0.5)
     with pytest.raises(ValueError, match="prunable"):
         lj.density(lj.ones_like(params))
+
+
+def test_callable_spec_check_tree_hook_sees_the_whole_tree():
+    params = {"fc0": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}, "head": {"kernel": jnp.ones((3, 2))}}
+    seen = []
+
+    def fraction(path, leaf):
+        return 0.5
+
+    fraction.check_tree = lambda paths, leaves: seen.append((list(paths), [jnp.shape(x) for x in leaves]))
+    lj.prune_layerwise(params, lj.ones_like(params), fraction)
+    assert seen == [(["fc0/bias", "fc0/kernel", "head/kernel"], [(3,), (3, 3), (3, 2)])]
+
+
+def test_prune_layerwise_refuses_a_spec_that_selects_nothing():
+    params = {"l1": {"weight": jnp.ones((3, 3))}}
+    with pytest.raises(ValueError, match=r"no leaf of the mask is prunable .*\['l1/weight'\]"):
+        lj.prune_layerwise(params, lj.ones_like(params), 0.5, prunable=lambda path, leaf: path.endswith("kernel"))
