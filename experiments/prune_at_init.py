@@ -10,16 +10,18 @@ same data order. Prints a table (density; per method the test accuracy at the ea
 iteration, mean ± std over seeds; "!k" marks k seeds whose mask disconnects the network)
 and writes results and a plot to the run directory. Re-running the same command resumes.
 """
-from lottojax.experiment import parse_config
-from lottojax.prune_at_init import PruneAtInitConfig, prune_at_init_table, run_prune_at_init
+from lottojax.experiments import cli
+from lottojax.experiments.prune_at_init import PruneAtInitConfig, prune_at_init_table, run_prune_at_init
+
+
+def report(summary: dict) -> None:
+    print(prune_at_init_table(summary))
+    print("\nseconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()))
 
 
 def main(argv=None) -> None:
-    config, out = parse_config(PruneAtInitConfig, argv, description=__doc__)
-    summary, workdir = run_prune_at_init(config, out)
-    print(prune_at_init_table(summary))
-    seconds = ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items())
-    print(f"\nseconds: {seconds}\nresults, plot and checkpoints in {workdir}/")
+    cli.main(run_prune_at_init, PruneAtInitConfig, argv, description=__doc__, experiment="prune_at_init",
+             report=report)
 
 
 if __name__ == "__main__":

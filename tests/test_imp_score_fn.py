@@ -1,5 +1,6 @@
-"""run_imp's score_fn: another score than the default magnitude changes the tickets, and
-checkpoints record the score (and resume across processes: no memory addresses)."""
+"""run_imp's method: another score than the default magnitude changes the tickets, any
+registered method runs inside the level, and checkpoints record the method (and resume
+across processes: no memory addresses)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,12 +38,12 @@ def anti_magnitude(params):
 
 def test_another_score_prunes_differently_and_checkpoints_tell_them_apart(setup, tmp_path):
     default = imp(setup, checkpoint_dir=str(tmp_path / "magnitude"))
-    anti = imp(setup, score_fn=anti_magnitude, checkpoint_dir=str(tmp_path / "anti"))
+    anti = imp(setup, method=anti_magnitude, checkpoint_dir=str(tmp_path / "anti"))
     np.testing.assert_array_equal(anti.density, default.density)  # same counts...
     np.testing.assert_array_equal(anti.history.val_loss[0], default.history.val_loss[0])  # same dense level
     assert not np.allclose(anti.history.val_loss[1], default.history.val_loss[1])  # ...other weights
-    with pytest.raises(ValueError, match="score_fn"):
-        imp(setup, score_fn=anti_magnitude, checkpoint_dir=str(tmp_path / "magnitude"))
+    with pytest.raises(ValueError, match="other settings.*method"):
+        imp(setup, method=anti_magnitude, checkpoint_dir=str(tmp_path / "magnitude"))
 
 
 def test_run_signature_is_stable_and_tells_settings_apart():
@@ -52,3 +53,12 @@ def test_run_signature_is_stable_and_tells_settings_apart():
     assert a is not b and _describe(a) == _describe(b) != _describe(c)
     assert "0x" not in str(_describe(lj.snip)) and "0x" not in str(_describe(object()))
     assert _describe(lj.magnitude) == "lottojax.scores.magnitude"
+
+
+@pytest.mark.parametrize("name", ["snip", "random"])
+def test_registered_methods_prune_the_trained_ticket_with_exact_counts(setup, name):
+    result = imp(setup, method=name, rounds=2)
+    magnitude = imp(setup, rounds=2)
+    np.testing.assert_array_equal(result.density, magnitude.density)  # global 50%: exact counts either way
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(result.masks[2]), jax.tree.leaves(magnitude.masks[2]))]
+    assert any(changed), f"{name} picked the same weights as magnitude"

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 from functools import partial
 from types import MappingProxyType
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,8 @@ import numpy as np
 from lottojax.checkpoint import Checkpointer, array_digest, describe, load_arrays, program_fingerprint, save_arrays
 from lottojax.masks import PyTree, Spec, apply_mask, density, leaves_with_paths, ones_like, prunable_flags, resolve_spec
 from lottojax.optim import set_mask
-from lottojax.prune import prune_global, prune_layerwise
+from lottojax.methods import PruningMethod, ScoreContext, prune_with, resolve_method
+from lottojax.prune import prune_layerwise
 from lottojax.rewind import shuffle_mask
 from lottojax.scores import magnitude
 from lottojax.seeds import Devices, device_count, gather, map_seeds, pad_seeds, put_seeded, seed_keys
@@ -143,21 +144,23 @@ ARMS = MappingProxyType({"ticket": ticket_start, "reinit": reinit_start, "shuffl
 CONTROLS = ("reinit", "shuffle")
 
 
-def _make_level(trainer: Trainer, arms, *, scope, prunable, rewind_step, num_steps, one_shot, score_fn):
+def _make_level(trainer: Trainer, arms, *, scope, prunable, rewind_step, num_steps, one_shot, method, statics):
     """The compiled program of one level for one seed (vmapped over seeds by the caller)."""
-    prune = prune_global if scope == "global" else prune_layerwise
 
     def level_one_seed(rewind_state, mask, dense_params, fractions, level, data, data_key, control_key):
         control_key = jax.random.fold_in(control_key, level)
         starts = _stack([ARMS[a](rewind_state, mask, trainer=trainer, key=control_key, prunable=prunable) for a in arms])
         train = partial(trainer.train, data=data, key=data_key, start=rewind_step, num_steps=num_steps - rewind_step)
         final, history = jax.vmap(lambda s: train(s))(starts)
-        ticket_params = _take(final.params, 0)
-        dense_params = jax.tree.map(lambda d, t: jnp.where(level == 0, t, d), dense_params, ticket_params)
-        if one_shot:
-            next_mask = prune(score_fn(dense_params), ones_like(mask), fractions, prunable=prunable)
-        else:
-            next_mask = prune(score_fn(ticket_params), mask, fractions, prunable=prunable)
+        ticket = _take(final, 0)
+        dense_params = jax.tree.map(lambda d, t: jnp.where(level == 0, t, d), dense_params, ticket.params)
+        context = ScoreContext(
+            apply_fn=lambda p, x: trainer.apply(p, ticket.model_state, x, True)[0],
+            eval_apply_fn=lambda p, x: trainer.apply(p, ticket.model_state, x, False)[0],
+            x=data.x_train, y=data.y_train, **statics)
+        prune = partial(prune_with, method, key=jax.random.fold_in(control_key, 2), context=context,
+                        fraction=fractions, scope=scope, prunable=prunable)
+        next_mask = prune(dense_params, ones_like(mask)) if one_shot else prune(ticket.params, mask)
         es_step, es_accuracy = early_stop(history)
         record = dict(
             density=density(mask, prunable),
@@ -184,7 +187,7 @@ def run_imp(
     one_shot: bool = False,
     controls: Sequence[str] = CONTROLS,
     prunable: Spec = None,
-    score_fn: Callable[[PyTree], PyTree] = magnitude,
+    method: Union[str, PruningMethod, Callable[[PyTree], PyTree]] = "magnitude",
     init_params: Optional[PyTree] = None,
     seed_strategy: str = "auto",
     devices: Devices = None,
@@ -209,10 +212,12 @@ def run_imp(
       one_shot: prune the dense weights straight to each level's density.
       controls: any of ``('reinit', 'shuffle')`` (the keys of :data:`ARMS` but ``ticket``).
       prunable: which leaves may be pruned (default ``ndim >= 2``).
-      score_fn: ``params -> scores`` used to prune the trained weights at every level
-        (higher = keep); default :func:`lottojax.magnitude` (IMP proper). Close over
-        anything else it needs, e.g. ``lambda p: lj.snip(p, apply_fn=..., batch=...)``.
-        It is traced inside the compiled level, so it must be jittable.
+      method: how the trained weights are scored at every level (higher = keep): a
+        registered name of :data:`lottojax.methods.METHODS` (default ``'magnitude'``: IMP
+        proper; ``'snip'`` rescores the trained ticket on a batch of ``data``), a
+        :class:`lottojax.methods.PruningMethod`, or a plain ``params -> scores`` function.
+        Data-driven methods see the training split and the ticket's model state. It is
+        traced inside the compiled level, so it must be jittable.
       init_params: start from these weights instead of ``trainer.init``'s (e.g. a
         pre-trained network): one params tree for every seed, or leaves stacked
         ``(seeds, ...)``. Model and optimizer state still come from ``trainer.init``
@@ -266,9 +271,10 @@ def run_imp(
         fractions_at = lambda level: np.float32(level_fraction(float(fraction), level, one_shot))
     prune_layerwise(magnitude(one_params), ones_like(one_params), fractions_at(1), prunable=prunable)  # validates
 
+    method = as_method(method)
     level_one_seed = _make_level(
         trainer, arms, scope=scope, prunable=prunable, rewind_step=rewind_step, num_steps=num_steps,
-        one_shot=one_shot, score_fn=score_fn,
+        one_shot=one_shot, method=method, statics=dict(input_shape=data.input_shape, num_classes=data.num_classes),
     )
     level_fn = over_seeds(level_one_seed, (0, 0, 0, None, None, None, 0, 0))
     levels = rounds + 1
@@ -286,7 +292,7 @@ def run_imp(
         checkpoint = Checkpointer(checkpoint_dir, _signature(
             trainer, data, init_state, num_steps=num_steps, seeds=list(seeds), fraction=fraction, scope=scope,
             rewind_step=rewind_step, one_shot=one_shot, controls=list(controls), prunable=prunable,
-            score_fn=score_fn, init_params=init_params, seed_slots=len(slots)))
+            method=method, init_params=init_params, seed_slots=len(slots)))
     done = []  # per finished level: host copies of its record and the mask it trained
     unit, carry = (None, carry) if checkpoint is None else checkpoint.restore(carry)
     if unit is not None:
@@ -351,7 +357,21 @@ def _signature(trainer: Trainer, data, init_state: TrainState, *, num_steps: int
     program = program_fingerprint(trainer.train, one_state, data_shapes, key, 0, num_steps=num_steps)
     init = program_fingerprint(trainer.init, key)
     return dict(program=program, init=init, data=array_digest(data), num_steps=num_steps,
-                **{k: describe(v) for k, v in settings.items() if v is not None and v is not magnitude})
+                **{k: describe(v) for k, v in settings.items() if v is not None})
+
+
+def as_method(method) -> PruningMethod:
+    """A :class:`lottojax.methods.PruningMethod` from a registered name, a method, or a
+    ``params -> scores`` function (named by its qualified name).
+
+    Examples:
+      >>> as_method('snip').name, as_method(lambda p: p).name
+      ('snip', '<lambda>')
+    """
+    if callable(method) and not isinstance(method, PruningMethod):
+        function = method
+        return PruningMethod(getattr(function, "__qualname__", "scores"), lambda params, **unused: function(params))
+    return resolve_method(method)
 
 
 def _level_file(directory: str, level: int) -> str:

@@ -89,6 +89,7 @@ class Trainer(NamedTuple):
     run_steps: Callable[..., tuple[TrainState, jax.Array]]
     evaluate: Callable[..., Metrics]
     train: Callable[..., tuple[TrainState, History]]
+    apply: Callable[..., tuple[jax.Array, PyTree]]  # the model's ``(params, model_state, x, train)``
 
 
 def make_trainer(
@@ -210,4 +211,4 @@ def make_trainer(
             history = jax.tree.map(lambda rows, row: jnp.concatenate([rows, row[None]]), history, last)
         return state, history
 
-    return Trainer(init, step, run_steps, evaluate, train)
+    return Trainer(init, step, run_steps, evaluate, train, model.apply)

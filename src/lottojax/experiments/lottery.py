@@ -27,6 +27,7 @@ from lottojax.checkpoint import load_arrays, save_arrays
 from lottojax.experiments.base import ConfigError, ExperimentConfig, build, option
 from lottojax.experiments.plots import density_axis, figure, save
 from lottojax.experiments.store import config_from_json, mean_std, open_run, read_config, stats, write_results
+from lottojax.methods import METHODS
 from lottojax.imp import ARMS, CONTROLS, IMPResult, run_imp, saved_masks
 from lottojax.prune import rates_by_layer
 from lottojax.train import History
@@ -49,6 +50,8 @@ class LotteryConfig(ExperimentConfig):
     output_rate: float = option(0.1, "per-round pruning rate of the output layer (layerwise)")
     output_name: str = option("output", "name of the output layer in the parameter paths")
     scope: str = option("layerwise", "per-layer rates (the LTH) or one global rate", choices=SCOPES)
+    method: str = option("magnitude", "how trained weights are scored at each level (lottojax.methods.METHODS; "
+                                      "magnitude is IMP)", choices=tuple(METHODS))
     rewind_step: int = option(0, "rewind survivors to their values after this many steps (0: θ0)")
     one_shot: bool = option(False, "prune the dense trained weights straight to each level's density")
     controls: tuple[str, ...] = option(CONTROLS, "control arms trained on every level's mask",
@@ -84,7 +87,7 @@ def run_lottery(config: LotteryConfig, root: str = "runs", *, progress: bool = T
         result = run_imp(
             setup.trainer, setup.data, seeds=config.seeds, rounds=config.rounds, fraction=fraction,
             num_steps=config.num_steps, scope=config.scope, rewind_step=config.rewind_step,
-            one_shot=config.one_shot, controls=config.controls, seed_strategy=config.seed_strategy,
+            one_shot=config.one_shot, controls=config.controls, method=config.method, seed_strategy=config.seed_strategy,
             devices=config.devices, checkpoint_dir=os.path.join(workdir, "checkpoint"), progress=progress,
         )
     if jax.process_index() == 0:

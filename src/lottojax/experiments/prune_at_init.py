@@ -7,16 +7,12 @@ can call it the same way. It
    at once (:func:`lottojax.imp.run_imp`); its level ``L`` fixes the density compared there;
 2. for each method in ``methods`` and each compared level, prunes *the same* θ0 of every
    seed at initialisation to exactly the IMP ticket's number of weights, then trains it
-   with the same data order as the ticket (all levels and seeds in one vmapped program):
-
-   - ``random``: uniform random scores, one global threshold (every layer keeps the
-     density in expectation);
-   - ``random-erk``: random within each layer, layer densities by ERK (:func:`lottojax.erk`);
-   - ``magnitude``: ``|θ0|``, global;
-   - ``snip``: :func:`lottojax.snip` on one random minibatch of ``snip_batch`` examples;
-   - ``grasp``: :func:`lottojax.grasp` on a class-balanced sample (``grasp_per_class``
-     per class), ``T = grasp_temperature``;
-   - ``synflow``: :func:`lottojax.synflow_mask`, ``synflow_rounds`` rounds, data-free;
+   with the same data order as the ticket (all levels of a seed in one vmapped program,
+   the seeds by ``seed_strategy`` over ``devices``). The methods are the registered
+   :data:`lottojax.methods.METHODS` (random, random-erk, magnitude, snip, grasp, synflow;
+   any method added there is available here), built by :func:`lottojax.methods.prune_with`
+   with ``keep`` = the ticket's count; ``snip_batch``, ``grasp_per_class``,
+   ``grasp_temperature`` and ``synflow_rounds`` are their hyperparameters;
 
 3. writes into ``<root>/prune_at_init-<config hash>/``: ``config.json``, ``results.json``
    (per level and method: density, mean, std and per-seed test accuracy at the early-stop
@@ -31,7 +27,6 @@ counted. ``results.json`` also gives ``log10_paths`` per method and density.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Callable
@@ -40,18 +35,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lottojax.distributions import densities_to_fractions, erk
-from lottojax.experiment import TrainingConfig, make_training, run_directory, write_json
+from lottojax.checkpoint import write_json
+from lottojax.experiments.base import ConfigError, ExperimentConfig, build, option
+from lottojax.experiments.plots import density_axis, figure, save
+from lottojax.experiments.store import open_run, stats, write_results
+from lottojax.imp import run_imp
 from lottojax.masks import PyTree, leaves_with_paths, ones_like, prunable_flags
-from lottojax.prune import prune_layerwise, remove_lowest_global
-from lottojax.scores import class_balanced_sample, grasp, magnitude, random_scores, snip, synflow_mask
+from lottojax.methods import METHODS, ScoreContext, get_method, prune_with
+from lottojax.seeds import device_count, gather, map_seeds, pad_seeds, put_seeded, seed_keys
 from lottojax.train import early_stop
-
-METHODS = ("random", "random-erk", "magnitude", "snip", "grasp", "synflow")
 
 
 @dataclasses.dataclass(frozen=True)
-class PruneAtInitConfig(TrainingConfig):
+class PruneAtInitConfig(ExperimentConfig):
     """Everything that defines a run; the defaults are the MNIST-1D comparison.
 
     The MLP 40-300-100-10 trains with Adam 1.2e-3, batch 60, for 3000 steps (the LTH
@@ -61,62 +57,36 @@ class PruneAtInitConfig(TrainingConfig):
     level 3, 51%, where all methods are within 2.5 points of dense, with ``--levels``).
     """
 
-    imp_rate: float = 0.2
-    levels: tuple[int, ...] = (7, 11, 15, 19, 23)
-    methods: tuple[str, ...] = METHODS
-    seeds: int = 5
-    snip_batch: int = 100
-    grasp_per_class: int = 10
-    grasp_temperature: float = 200.0
-    synflow_rounds: int = 100
+    imp_rate: float = option(0.2, "global IMP rate per round (fixes the compared densities)")
+    levels: tuple[int, ...] = option((7, 11, 15, 19, 23), "IMP levels whose densities the methods are compared at")
+    methods: tuple[str, ...] = option(tuple(METHODS), "pruning methods at initialisation (lottojax.methods.METHODS)",
+                                      choices=tuple(METHODS))
+    snip_batch: int = option(100, "SNIP: examples in its one minibatch")
+    grasp_per_class: int = option(10, "GraSP: examples per class in its class-balanced sample")
+    grasp_temperature: float = option(200.0, "GraSP: softmax temperature T")
+    synflow_rounds: int = option(100, "SynFlow: pruning rounds (exponential schedule)")
 
+    def check(self) -> None:
+        super().check()
+        if not self.levels or min(self.levels) < 1:
+            raise ConfigError("levels", f"{self.levels} must be IMP levels >= 1 (level L keeps (1 - imp_rate)^L)")
+        if not 0 < self.imp_rate < 1:
+            raise ConfigError("imp_rate", f"{self.imp_rate} must be in (0, 1)")
+        for name in ("snip_batch", "grasp_per_class", "synflow_rounds"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"{getattr(self, name)} must be >= 1")
 
-def seed_keys(seeds) -> tuple[jax.Array, jax.Array]:
-    """(init keys, data keys) of each seed, derived as :func:`lottojax.imp.run_imp` does,
-    so that a method and the IMP ticket of one seed share θ0 and the data order."""
-    keys = jax.vmap(jax.random.key)(jnp.asarray(list(seeds), jnp.uint32))
-    return jax.vmap(jax.random.fold_in, (0, None))(keys, 0), jax.vmap(jax.random.fold_in, (0, None))(keys, 1)
+    def method(self, name: str):
+        """The registered method ``name`` with this config's hyperparameters for it."""
+        hparams = {"snip": dict(batch_size=self.snip_batch),
+                   "grasp": dict(per_class=self.grasp_per_class, temperature=self.grasp_temperature),
+                   "synflow": dict(rounds=self.synflow_rounds)}
+        return get_method(name, **hparams.get(name, {}))
 
 
 def prunable_size(params: PyTree) -> int:
     """Number of prunable (kernel) entries."""
     return sum(int(np.prod(p.shape)) for p, f in zip(jax.tree.leaves(params), prunable_flags(params)) if f)
-
-
-def make_mask_fn(method: str, model, config: PruneAtInitConfig, *, input_shape, num_classes: int) -> Callable:
-    """``(params, model_state, keep, erk_fractions, key, data) -> mask`` keeping exactly
-    ``keep`` prunable weights (``random-erk``: per layer by ``erk_fractions``); SNIP and
-    GraSP draw their examples from ``data.x_train``. Jittable, vmappable."""
-
-    def logits(state, train):
-        return lambda p, x: model.apply(p, state, x, train)[0]
-
-    def keep_top(scores, keep):
-        return remove_lowest_global(scores, ones_like(scores), lambda alive: alive - keep)
-
-    def mask_fn(params, state, keep, erk_fractions, key, data):
-        x_train, y_train = data.x_train, data.y_train
-        if method == "random":
-            return keep_top(random_scores(params, key=key), keep)
-        if method == "random-erk":
-            return prune_layerwise(random_scores(params, key=key), ones_like(params), erk_fractions)
-        if method == "magnitude":
-            return keep_top(magnitude(params), keep)
-        if method == "snip":
-            index = jax.random.choice(key, x_train.shape[0], (config.snip_batch,), replace=False)
-            return keep_top(snip(params, apply_fn=logits(state, True), batch=(x_train[index], y_train[index])), keep)
-        if method == "grasp":
-            batch = class_balanced_sample(x_train, y_train, per_class=config.grasp_per_class, key=key,
-                                          num_classes=num_classes)
-            scores = grasp(params, apply_fn=logits(state, True), batch=batch, temperature=config.grasp_temperature)
-            return keep_top(scores, keep)
-        if method == "synflow":
-            total = prunable_size(params)
-            return synflow_mask(params, apply_fn=logits(state, False), input_shape=input_shape,
-                                density=keep / total, rounds=config.synflow_rounds)
-        raise ValueError(f"method={method!r} unknown; choose from {METHODS}")
-
-    return mask_fn
 
 
 def input_output_paths(model, mask: PyTree, model_state: PyTree, input_shape) -> jax.Array:
@@ -133,26 +103,15 @@ def input_output_paths(model, mask: PyTree, model_state: PyTree, input_shape) ->
     return jnp.sum(logits)
 
 
-def _save_npz(path: str, **arrays) -> None:
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def run_prune_at_init(config: PruneAtInitConfig, root: str = "runs", *, progress: bool = True) -> tuple[dict, str]:
     """Runs (or resumes) the experiment; returns the summary (as in ``results.json``) and
     the run directory."""
-    unknown = set(config.methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"methods {sorted(unknown)} unknown; choose from {METHODS}")
-    if not config.levels or min(config.levels) < 1:
-        raise ValueError(f"levels={config.levels} must be IMP levels >= 1 (level L keeps (1 - imp_rate)^L)")
-    workdir = run_directory(root, "prune_at_init", config)
-    data, model, trainer = make_training(config)
-    levels = tuple(sorted(set(config.levels)))
-    imp, imp_seconds = _run_imp(config, trainer, data, workdir, progress)
-
-    run_method = _method_runner(config, model, trainer, data, keep_density=imp.density[list(levels), 0])
+    config.check()
+    with open_run(root, "prune_at_init", config) as workdir:
+        setup = build(config)
+        levels = tuple(sorted(set(config.levels)))
+        imp, imp_seconds = _run_imp(config, setup, workdir, progress)
+    run_method = _method_runner(config, setup, keep_density=imp.density[list(levels), 0])
     results = {}
     for method in config.methods:
         path = os.path.join(workdir, f"method-{method}.npz")
@@ -161,30 +120,38 @@ def run_prune_at_init(config: PruneAtInitConfig, root: str = "runs", *, progress
                 results[method] = dict(saved)
             continue
         results[method] = run_method(method)
-        _save_npz(path, **results[method])
+        if jax.process_index() == 0:
+            write_npz(path, results[method])
         if progress:
             acc = 100 * results[method]["early_stop_accuracy"].mean(1)
             print(f"{method:>10}: {' '.join(f'{a:5.1f}' for a in acc)}  ({results[method]['seconds']:.0f} s)", flush=True)
 
     summary = summarize(config, imp, levels, results, {"imp": imp_seconds})
-    write_json(os.path.join(workdir, "results.json"), summary)
-    _save_npz(os.path.join(workdir, "results.npz"), levels=np.array(levels), imp_density=imp.density,
-              imp_early_stop_accuracy=imp.early_stop_accuracy[..., 0], imp_final_accuracy=imp.final_accuracy[..., 0],
-              **{f"{m}_{k}": v for m, r in results.items() for k, v in r.items()})
-    plot_prune_at_init(summary, os.path.join(workdir, "prune_at_init.png"),
-                       title=f"Pruning at init vs IMP on {config.dataset} ({config.model}), {config.seeds} seeds")
+    if jax.process_index() == 0:
+        write_results(workdir, summary, dict(
+            levels=np.array(levels), imp_density=imp.density, imp_early_stop_accuracy=imp.early_stop_accuracy[..., 0],
+            imp_final_accuracy=imp.final_accuracy[..., 0], **{f"{m}_{k}": v for m, r in results.items() for k, v in r.items()}))
+        plot_prune_at_init(summary, os.path.join(workdir, "prune_at_init.png"),
+                           title=f"Pruning at init vs IMP on {config.dataset} ({config.model}), {len(config.seeds)} seeds")
     return summary, workdir
 
 
-def _run_imp(config: PruneAtInitConfig, trainer, data, workdir: str, progress: bool):
+def write_npz(path: str, arrays: dict) -> None:
+    """``np.savez`` written atomically (a temporary file, then a rename)."""
+    tmp = f"{path}.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _run_imp(config: PruneAtInitConfig, setup, workdir: str, progress: bool):
     """Global IMP (ticket arm only) for all seeds, checkpointed per level; with the seconds
     of the call that finished it."""
-    from lottojax.imp import run_imp
+    import json
 
     start = time.perf_counter()
-    imp = run_imp(trainer, data, seeds=range(config.seeds), rounds=max(config.levels), fraction=config.imp_rate,
-                  scope="global", num_steps=config.num_steps, controls=(),
-                  checkpoint_dir=os.path.join(workdir, "imp"), progress=progress)
+    imp = run_imp(setup.trainer, setup.data, seeds=config.seeds, rounds=max(config.levels), fraction=config.imp_rate,
+                  scope="global", num_steps=config.num_steps, controls=(), seed_strategy=config.seed_strategy,
+                  devices=config.devices, checkpoint_dir=os.path.join(workdir, "imp"), progress=progress)
     seconds_file = os.path.join(workdir, "imp", "seconds.json")
     if not os.path.exists(seconds_file):  # a resumed run keeps the first run's figure
         write_json(seconds_file, time.perf_counter() - start)
@@ -192,60 +159,64 @@ def _run_imp(config: PruneAtInitConfig, trainer, data, workdir: str, progress: b
         return imp, json.load(f)
 
 
-def _method_runner(config: PruneAtInitConfig, model, trainer, data, *, keep_density: np.ndarray) -> Callable[[str], dict]:
+def _method_runner(config: PruneAtInitConfig, setup, *, keep_density: np.ndarray) -> Callable[[str], dict]:
     """``method -> record``: masks for every (level, seed), pruned from that seed's θ0 to
-    ``keep_density`` of each level, then all trained in one vmapped program. Arrays in the
+    exactly ``keep_density`` of each level, then all trained (the seeds by
+    ``config.seed_strategy`` over ``config.devices``, the levels vmapped). Arrays in the
     record are ``(levels, seeds)``."""
-    init_keys, data_keys = seed_keys(range(config.seeds))
-    mask_keys = jax.vmap(jax.random.fold_in, (0, None))(init_keys, 2)
-    params, states = jax.vmap(model.init)(init_keys)
-    one_params = jax.tree.map(lambda x: x[0], params)
+    model, trainer, data = setup.model, setup.trainer, setup.data
+    n = len(config.seeds)
+    slots = pad_seeds(config.seeds, device_count(config.devices))
+    init_keys, data_keys, mask_keys = (put_seeded(seed_keys(slots, s), config.devices, stacked=True)
+                                       for s in ("init", "data", "mask"))
+    data = put_seeded(data, config.devices, stacked=False)
+    one_params = jax.eval_shape(model.init, jax.random.key(0))[0]
     flags = prunable_flags(one_params)
     total = prunable_size(one_params)
-    keep = np.round(keep_density.astype(np.float64) * total).astype(np.int32)
-    erk_fractions = jax.tree.map(
-        lambda *xs: np.asarray(xs, np.float32), *[densities_to_fractions(erk(one_params, density=k / total)) for k in keep]
-    )
+    keep = jnp.asarray(np.round(keep_density.astype(np.float64) * total).astype(np.int32))
+    over_seeds = lambda fn, in_axes: jax.jit(map_seeds(fn, in_axes=in_axes, strategy=config.seed_strategy,
+                                                        devices=config.devices))
 
-    def train_one(mask, init_key, data_key):
-        state = trainer.init(init_key, mask)
-        _, history = trainer.train(state, data, data_key, start=0, num_steps=config.num_steps)
-        step, accuracy = early_stop(history)
-        return dict(early_stop_accuracy=accuracy, early_stop_step=step, final_accuracy=history.test_accuracy[-1])
+    input_shape, num_classes = data.input_shape, data.num_classes  # static: read outside the traced program
 
-    def paths_one(mask, state):
-        return input_output_paths(model, mask, state, data.input_shape)
+    def context(state, data):
+        return ScoreContext(apply_fn=lambda p, x: model.apply(p, state, x, True)[0],
+                            eval_apply_fn=lambda p, x: model.apply(p, state, x, False)[0],
+                            x=data.x_train, y=data.y_train, input_shape=input_shape, num_classes=num_classes)
 
-    levels_seeds = lambda f, seed_axes, level_axes: jax.jit(jax.vmap(jax.vmap(f, in_axes=seed_axes), in_axes=level_axes))
-    train_all = levels_seeds(train_one, (0, 0, 0), (0, None, None))
-    paths_all = levels_seeds(paths_one, (0, 0), (0, None))
+    def one_seed(method, init_key, data_key, mask_key, keep, data):
+        params, state = model.init(init_key)
 
-    def run(method: str) -> dict:
+        def one_level(k):
+            mask = prune_with(method, params, ones_like(params), key=mask_key, context=context(state, data), keep=k)
+            _, history = trainer.train(trainer.init(init_key, mask), data, data_key, start=0, num_steps=config.num_steps)
+            step, accuracy = early_stop(history)
+            paths = input_output_paths(model, mask, state, input_shape)
+            return mask, dict(early_stop_accuracy=accuracy, early_stop_step=step, final_accuracy=history.test_accuracy[-1],
+                              paths=paths)
+
+        return jax.vmap(one_level)(keep)
+
+    def run(name: str) -> dict:
         start = time.perf_counter()
-        mask_fn = make_mask_fn(method, model, config, input_shape=data.input_shape, num_classes=data.num_classes)
-        masks_all = levels_seeds(mask_fn, (0, 0, None, None, 0, None), (None, None, 0, 0, None, None))
-        masks = jax.block_until_ready(masks_all(params, states, jnp.asarray(keep), erk_fractions, mask_keys, data))
-        mask_seconds = time.perf_counter() - start
-        record = jax.device_get(train_all(masks, init_keys, data_keys))
-        leaves = [np.asarray(m) for m, f in zip(jax.tree.leaves(masks), flags) if f]
-        kept = sum(m.sum(axis=tuple(range(2, m.ndim)), dtype=np.int64) for m in leaves)
-        record.update(kept=kept, density=kept / total, paths=np.asarray(paths_all(masks, states)),
-                      mask_seconds=np.array(mask_seconds), seconds=np.array(time.perf_counter() - start))
+        method = config.method(name)
+        masks, record = over_seeds(lambda *a: one_seed(method, *a), (0, 0, 0, None, None))(
+            init_keys, data_keys, mask_keys, keep, data)
+        record = jax.tree.map(lambda x: np.swapaxes(np.asarray(x)[:n], 0, 1), gather(record))  # (levels, seeds)
+        leaves = [np.asarray(m)[:n] for m, f in zip(jax.tree.leaves(gather(masks)), flags) if f]
+        kept = np.swapaxes(sum(m.sum(axis=tuple(range(2, m.ndim)), dtype=np.int64) for m in leaves), 0, 1)
+        record.update(kept=kept, density=kept / total, seconds=np.array(time.perf_counter() - start))
         return record
 
     return run
-
-
-def _stats(values: np.ndarray) -> dict:
-    return {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
 
 
 def summarize(config: PruneAtInitConfig, imp, levels, results: dict, timings: dict) -> dict:
     """The JSON summary: the IMP curve (every level) and, per compared level, every method."""
     imp_levels = [
         {"level": level, "density": float(imp.density[level, 0]),
-         "early_stop_accuracy": _stats(imp.early_stop_accuracy[level, :, 0]),
-         "final_accuracy": _stats(imp.final_accuracy[level, :, 0])}
+         "early_stop_accuracy": stats(imp.early_stop_accuracy[level, :, 0]),
+         "final_accuracy": stats(imp.final_accuracy[level, :, 0])}
         for level in range(len(imp.density))
     ]
     compared = []
@@ -254,12 +225,12 @@ def summarize(config: PruneAtInitConfig, imp, levels, results: dict, timings: di
                "imp": imp_levels[level]["early_stop_accuracy"], "methods": {}}
         for method, r in results.items():
             row["methods"][method] = {
-                "density": _stats(r["density"][i]),
-                "early_stop_accuracy": _stats(r["early_stop_accuracy"][i]),
-                "final_accuracy": _stats(r["final_accuracy"][i]),
-                "early_stop_step": _stats(r["early_stop_step"][i]),
+                "density": stats(r["density"][i]),
+                "early_stop_accuracy": stats(r["early_stop_accuracy"][i]),
+                "final_accuracy": stats(r["final_accuracy"][i]),
+                "early_stop_step": stats(r["early_stop_step"][i]),
                 "disconnected_seeds": int(np.sum(r["paths"][i] <= 0)),
-                "log10_paths": _stats(np.log10(np.maximum(r["paths"][i], 1.0))),
+                "log10_paths": stats(np.log10(np.maximum(r["paths"][i], 1.0))),
             }
         compared.append(row)
     seconds = {**timings, **{m: float(r["seconds"]) for m, r in results.items()}}
@@ -298,13 +269,7 @@ def prune_at_init_table(summary: dict) -> str:
 def plot_prune_at_init(summary: dict, path: str, *, title: str = "") -> None:
     """Test accuracy at early stop vs density (log axis): the IMP curve over all its levels,
     each method at the compared densities, the dense accuracy as a line; ± std bars."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    fig, (ax,) = figure(1, width=7.5, height=4.6)
     dense = summary["dense"]["early_stop_accuracy"]
     ax.axhline(100 * dense["mean"], color="gray", linestyle="--", linewidth=1, label="dense")
     imp = summary["imp"][1:]
@@ -317,18 +282,7 @@ def plot_prune_at_init(summary: dict, path: str, *, title: str = "") -> None:
         ax.errorbar([100 * r["density"]["mean"] for r in rows], [100 * r["early_stop_accuracy"]["mean"] for r in rows],
                     yerr=[100 * r["early_stop_accuracy"]["std"] for r in rows], marker="s", markersize=3,
                     capsize=2, label=method)
-    ax.set_xscale("log")
-    low, high = ax.get_xlim()
-    ticks = [t for t in (100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1, 0.05) if min(low, high) <= t <= max(low, high)]
-    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.invert_xaxis()
-    ax.set_xlabel("weights remaining (%)")
+    density_axis(ax, [100 * r["density"] for r in imp])
     ax.set_ylabel("test accuracy at early stop (%)")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, title=title)
