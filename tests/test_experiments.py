@@ -76,6 +76,15 @@ def test_finished_run_loads_back_with_every_levels_ticket(tmp_path, capsys):
     assert len(loaded.masks) == 2 and loaded.seeds == (3, 5)
     mask, theta = loaded.ticket(1, seed_index=0)
     assert float(lj.density(mask)) == pytest.approx(loaded.density[1, 0])
+    level = loaded.level_at_density(float(loaded.density[1].mean()))
+    all_seeds_mask, all_seeds_theta = loaded.ticket(level)
+    path = os.path.join(str(tmp_path), "ticket.npz")
+    lj.save_ticket(path, mask=all_seeds_mask, params=all_seeds_theta, seeds=True,
+                   metadata={"level": level, "config": json.loads(json.dumps(config.__dict__))})
+    ticket = lj.load_ticket(path)
+    for a, b in zip(jax.tree.leaves((all_seeds_mask, all_seeds_theta)), jax.tree.leaves((ticket.mask, ticket.params))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert ticket.metadata["level"] == 1
     summary = json.load(open(os.path.join(workdir, "results.json")))
     assert summary["levels"][1]["arms"]["ticket"]["early_stop_accuracy"]["n"] == 2
 

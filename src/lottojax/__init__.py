@@ -18,6 +18,7 @@ from lottojax.early_bird import (
     weight_mask,
 )
 from lottojax.masks import apply_mask, check_mask, density, format_report, layer_report, ones_like, sparsity
+from lottojax.methods import METHODS, PruningMethod, ScoreContext, get_method, prune_with
 from lottojax.optim import MaskedUpdatesState, get_mask, mask_state, masked_updates, set_mask
 from lottojax.prune import prune_global, prune_layerwise, rates_by_layer
 from lottojax.rewind import random_reinit, rewind, shuffle_mask
@@ -25,6 +26,7 @@ from lottojax.scores import class_balanced_sample, grasp, magnitude, random_scor
 from lottojax.seeds import map_seeds
 from lottojax.stability import LinearPath, error_barrier, instability, interpolate, recompute_batch_stats
 from lottojax.structured import prune_channels, prune_nm
+from lottojax.tickets import Ticket, load_ticket, save_ticket
 
 __version__ = "0.1.0"
 
@@ -32,7 +34,11 @@ __all__ = [
     "EarlyBird",
     "EarlyBirdState",
     "LinearPath",
+    "METHODS",
     "MaskedUpdatesState",
+    "PruningMethod",
+    "ScoreContext",
+    "Ticket",
     "apply_mask",
     "bn_scales",
     "channel_mask",
@@ -46,12 +52,14 @@ __all__ = [
     "error_barrier",
     "format_report",
     "get_mask",
+    "get_method",
     "grasp",
     "hamming_distance",
     "instability",
     "interpolate",
     "layer_densities",
     "layer_report",
+    "load_ticket",
     "magnitude",
     "map_seeds",
     "mask_distance_matrix",
@@ -62,11 +70,13 @@ __all__ = [
     "prune_global",
     "prune_layerwise",
     "prune_nm",
+    "prune_with",
     "random_reinit",
     "random_scores",
     "rates_by_layer",
     "recompute_batch_stats",
     "rewind",
+    "save_ticket",
     "set_mask",
     "shuffle_mask",
     "slimming_penalty",
