@@ -14,3 +14,6 @@ def test_readme_python_blocks_run(capsys):
     out = capsys.readouterr().out
     assert "density 1.000" in out and "output/kernel" in out
     assert namespace["result"].density.shape == (3, 3)
+    assert namespace["lottery"].density.shape == (3, 2)  # the experiments block: 3 levels, 2 seeds
+    assert namespace["level"] == 2 and "magnitude" in out and "snip" in out
+    assert "layers/0/weight" in out  # the Equinox block's report
