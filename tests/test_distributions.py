@@ -83,5 +83,5 @@ def test_bad_input_errors_are_clear():
         lj.erk(CONVNET, density=1.5)
     with pytest.raises(ValueError, match="distribution='erk2' unknown"):
         lj.layer_densities(CONVNET, density=0.5, distribution="erk2")
-    with pytest.raises(ValueError, match="no leaf of params is prunable"):
+    with pytest.raises(ValueError, match="no leaf of the params is prunable"):
         lj.erk({"b": jnp.zeros(3)}, density=0.5)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lottojax.masks import PyTree, Spec, leaves_with_paths, prunable_flags
+from lottojax.masks import PyTree, Spec, prunable_leaves
 
 DISTRIBUTIONS = ("uniform", "erdos_renyi", "erk")
 
@@ -58,11 +58,8 @@ def layer_densities(params: PyTree, *, density: float, distribution: str = "erk"
         raise ValueError(f"distribution={distribution!r} unknown; choose from {DISTRIBUTIONS}")
     if not 0.0 < float(density) <= 1.0:
         raise ValueError(f"density={density} must be in (0, 1]: it is the fraction of prunable weights kept")
-    paths, leaves, treedef = leaves_with_paths(params)
-    flags = prunable_flags(params, prunable)
+    paths, leaves, treedef, flags = prunable_leaves(params, prunable, name="params")
     sizes = {i: int(np.prod(jnp.shape(x))) for i, (x, f) in enumerate(zip(leaves, flags)) if f}
-    if not sizes:
-        raise ValueError(f"no leaf of params is prunable (paths: {paths[:6]}); pass prunable= to say which are")
     raw = {i: _raw_density(tuple(jnp.shape(leaves[i])), distribution) for i in sizes}
     budget = float(density) * sum(sizes.values())
     dense: set[int] = set()

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lottojax.masks import PyTree, Spec, apply_mask, ones_like, prunable_flags
+from lottojax.masks import PyTree, Spec, apply_mask, ones_like, prunable_leaves
 from lottojax.prune import remove_lowest_global
 
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
@@ -73,10 +73,8 @@ def _unpack_batch(batch) -> tuple[jax.Array, jax.Array]:
 
 
 def _prunable_sum(tree: PyTree, prunable: Spec) -> jax.Array:
-    leaves = [leaf for leaf, flag in zip(jax.tree.leaves(tree), prunable_flags(tree, prunable)) if flag]
-    if not leaves:
-        raise ValueError("no leaf of params is prunable; pass prunable= to say which are")
-    return sum(jnp.sum(leaf) for leaf in leaves)
+    _, leaves, _, flags = prunable_leaves(tree, prunable, name="params")
+    return sum(jnp.sum(leaf) for leaf, flag in zip(leaves, flags) if flag)
 
 
 def snip(
@@ -159,9 +157,7 @@ def grasp(
       (2, 2)
     """
     objective = _mean_loss(apply_fn, loss, batch, temperature)
-    flags = prunable_flags(params, prunable)
-    if not any(flags):
-        raise ValueError("no leaf of params is prunable; pass prunable= to say which are")
+    flags = prunable_leaves(params, prunable, name="params")[3]
     leaves, treedef = jax.tree.flatten(jax.grad(objective)(params))
     direction = jax.tree.unflatten(
         treedef, [g if flag else jnp.zeros_like(g) for g, flag in zip(leaves, flags)]
@@ -314,10 +310,8 @@ def synflow_mask(
         raise ValueError(f"rounds={rounds} must be >= 1")
     _check_density(density)
     _check_dtype(dtype)
-    flags = prunable_flags(params, prunable)
+    flags = prunable_leaves(params, prunable, name="params")[3]
     total = sum(int(np.prod(jnp.shape(p))) for p, flag in zip(jax.tree.leaves(params), flags) if flag)
-    if total == 0:
-        raise ValueError("no leaf of params is prunable; pass prunable= to say which are")
     density = jnp.asarray(density, jnp.float32)
     wide = dtype is not None and jnp.dtype(dtype).itemsize > 4
 
