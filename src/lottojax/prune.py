@@ -30,7 +30,7 @@ def _check_fraction(value, where: str) -> None:
     try:
         concrete = np.asarray(value, dtype=np.float64)
     except (TypeError, jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return  # traced: clipped in _prune_count
+        return  # traced: clipped in prune_count
     if concrete.shape != ():
         raise ValueError(f"{where} must be a scalar, got shape {concrete.shape}")
     if not 0.0 <= float(concrete) < 1.0:
@@ -41,7 +41,14 @@ def _check_fraction(value, where: str) -> None:
         )
 
 
-def _prune_count(fraction, alive: jax.Array) -> jax.Array:
+def prune_count(fraction, alive: jax.Array) -> jax.Array:
+    """How many of ``alive`` entries a ``fraction`` removes: ``round(fraction × alive)`` in
+    float32, halves to even, clipped to ``[0, alive]``.
+
+    Examples:
+      >>> int(prune_count(0.2, jnp.int32(12))), int(prune_count(0.25, jnp.int32(10)))
+      (2, 2)
+    """
     product = jnp.asarray(fraction, jnp.float32) * alive.astype(jnp.float32)
     return jnp.clip(jnp.round(product).astype(jnp.int32), 0, alive)
 
@@ -56,7 +63,7 @@ def _ordered_bits(scores: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _lowest_alive(scores: jax.Array, alive: jax.Array, count: jax.Array) -> jax.Array:
+def lowest_alive(scores: jax.Array, alive: jax.Array, count: jax.Array) -> jax.Array:
     """Bool vector marking the ``count`` lowest-scoring alive entries of flat vectors.
 
     Ties go to the lower index. A selection, not a sort: 32 bisection steps find the
@@ -111,14 +118,14 @@ def prune_layerwise(scores: PyTree, mask: PyTree, fraction, *, prunable: Spec = 
 
     def prune_leaf(path, m, s, frac):
         alive = m.reshape(-1)
-        count = _prune_count(frac, jnp.sum(alive, dtype=jnp.int32))
-        removed = _lowest_alive(jnp.asarray(s).reshape(-1), alive, count)
+        count = prune_count(frac, jnp.sum(alive, dtype=jnp.int32))
+        removed = lowest_alive(jnp.asarray(s).reshape(-1), alive, count)
         return (alive & ~removed).reshape(m.shape)
 
-    return _map_prunable_leaves(prune_leaf, scores, mask, fraction, prunable)
+    return map_prunable_leaves(prune_leaf, scores, mask, fraction, prunable)
 
 
-def _map_prunable_leaves(prune_leaf: Callable, scores: PyTree, mask: PyTree, fraction, prunable: Spec) -> PyTree:
+def map_prunable_leaves(prune_leaf: Callable, scores: PyTree, mask: PyTree, fraction, prunable: Spec) -> PyTree:
     """The mask with ``prune_leaf(path, mask_leaf, score_leaf, fraction)`` applied to every
     prunable leaf (its fraction checked first); the other leaves are kept."""
     paths, mask_leaves, treedef, flags = prunable_leaves(mask, prunable)
@@ -147,7 +154,7 @@ def prune_global(scores: PyTree, mask: PyTree, fraction, *, prunable: Spec = Non
              [ True,  True]], dtype=bool))
     """
     _check_fraction(fraction, "fraction")
-    return remove_lowest_global(scores, mask, lambda alive: _prune_count(fraction, alive), prunable=prunable)
+    return remove_lowest_global(scores, mask, lambda alive: prune_count(fraction, alive), prunable=prunable)
 
 
 def remove_lowest_global(scores: PyTree, mask: PyTree, count, *, prunable: Spec = None) -> PyTree:
@@ -174,7 +181,7 @@ def remove_lowest_global(scores: PyTree, mask: PyTree, count, *, prunable: Spec 
     alive_count = jnp.sum(alive, dtype=jnp.int32)
     count = count(alive_count) if callable(count) else count
     count = jnp.clip(jnp.asarray(count, jnp.int32), 0, alive_count)
-    kept = alive & ~_lowest_alive(flat_scores, alive, count)
+    kept = alive & ~lowest_alive(flat_scores, alive, count)
     sizes = np.cumsum([mask_leaves[i].size for i in picked])[:-1]
     new_leaves = list(mask_leaves)
     for i, part in zip(picked, jnp.split(kept, sizes)):

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from lottojax.masks import PyTree, Spec, check_mask, leaves_with_paths, prunable_flags
-from lottojax.prune import _lowest_alive, _map_prunable_leaves, _prune_count
+from lottojax.prune import lowest_alive, map_prunable_leaves, prune_count
 
 NORMS = ("l1", "l2")
 
@@ -82,11 +82,11 @@ def prune_channels(
         m_last = jnp.moveaxis(m, channel_axis, -1)
         s_last = jnp.moveaxis(jnp.asarray(s), channel_axis, -1)
         alive = jnp.any(m_last.reshape(-1, m_last.shape[-1]), axis=0)
-        count = _prune_count(frac, jnp.sum(alive, dtype=jnp.int32))
-        removed = _lowest_alive(_channel_norms(s_last, m_last, norm), alive, count)
+        count = prune_count(frac, jnp.sum(alive, dtype=jnp.int32))
+        removed = lowest_alive(_channel_norms(s_last, m_last, norm), alive, count)
         return jnp.moveaxis(m_last & ~removed, -1, channel_axis)
 
-    return _map_prunable_leaves(prune_leaf, scores, mask, fraction, prunable)
+    return map_prunable_leaves(prune_leaf, scores, mask, fraction, prunable)
 
 
 def prune_nm(scores: PyTree, mask: PyTree, *, n: int, m: int, axis: int = -2, prunable: Spec = None) -> PyTree:
