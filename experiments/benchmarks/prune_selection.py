@@ -49,7 +49,7 @@ def selection_cases(size: int, batch: int):
     alive = jax.random.uniform(jax.random.key(1), (batch, size)) < 0.7
     count = jnp.full((batch,), int(0.2 * 0.7 * size), jnp.int32)
     cases = {name: compiled(jax.vmap(select), scores, alive, count)
-             for name, select in (("lexsort", lexsort_lowest_alive), ("bisection", prune._lowest_alive))}
+             for name, select in (("lexsort", lexsort_lowest_alive), ("bisection", prune.lowest_alive))}
     same = bool(jnp.all(cases["lexsort"][0](scores, alive, count) == cases["bisection"][0](scores, alive, count)))
     return {k: (lambda c=c: c(scores, alive, count)) for k, (c, _) in cases.items()}, {k: t for k, (_, t) in cases.items()}, same
 
@@ -64,7 +64,7 @@ def synflow_cases():
     apply_fn = lambda p, x: model.apply(p, one_state, x, False)[0]
     masks = lambda p: lj.synflow_mask(p, apply_fn=apply_fn, input_shape=(40,), density=0.01, rounds=100)
     new, new_compile = compiled(jax.vmap(masks), params)
-    with mock.patch.object(prune, "_lowest_alive", lexsort_lowest_alive):
+    with mock.patch.object(prune, "lowest_alive", lexsort_lowest_alive):
         old, old_compile = compiled(jax.vmap(masks), params)
     same = all(bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(new(params)), jax.tree.leaves(old(params))))
     return {"lexsort": lambda: old(params), "bisection": lambda: new(params)}, {"lexsort": old_compile, "bisection": new_compile}, same
