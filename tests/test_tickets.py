@@ -12,12 +12,12 @@ import lottojax as lj
 from lottojax import tickets as T
 
 
-def linen_params(key):
-    k0, k1 = jax.random.split(key)
+def linen_params(seed):  # numpy's generator: jax.random's kernels are slow to compile on 2 cores
+    rng = np.random.default_rng(seed)
     return {
         "params": {
-            "fc0": {"kernel": jax.random.normal(k0, (6, 5)), "bias": jnp.zeros(5)},
-            "output": {"kernel": jax.random.normal(k1, (5, 3)).astype(jnp.bfloat16), "bias": jnp.arange(3)},
+            "fc0": {"kernel": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32), "bias": jnp.zeros(5)},
+            "output": {"kernel": jnp.asarray(rng.standard_normal((5, 3)), jnp.bfloat16), "bias": jnp.arange(3)},
         }
     }
 
@@ -35,7 +35,7 @@ def assert_bitwise_equal(a, b):
 
 
 def test_round_trip_linen_dict_is_bitwise(tmp_path):
-    params = linen_params(jax.random.key(0))
+    params = linen_params(0)
     mask = magnitude_mask(params)
     meta = {"config": {"model": "mlp", "rates": (0.2, 0.1)}, "level": np.int64(3), "seed": 0, "acc": np.float32(0.5)}
     path = T.save_ticket(tmp_path / "t.npz", mask=mask, params=params, metadata=meta)
@@ -85,8 +85,8 @@ def test_like_restores_into_a_different_container_by_path(tmp_path):
 
 
 def test_stacked_seed_ticket(tmp_path):
-    params = jax.vmap(linen_params)(jax.random.split(jax.random.key(1), 3))
-    masks = jax.vmap(magnitude_mask)(params)
+    params = jax.tree.map(lambda *xs: jnp.stack(xs), *[linen_params(s) for s in (1, 2, 3)])
+    masks = jax.tree.map(lambda *xs: jnp.stack(xs), *[magnitude_mask(linen_params(s)) for s in (1, 2, 3)])
     path = T.save_ticket(tmp_path / "seeds.npz", mask=masks, params=params, metadata={"seeds": [0, 1, 2]}, seeds=True)
     ticket = T.load_ticket(path)
     assert ticket.info["seeds"] == 3
@@ -99,7 +99,7 @@ def test_stacked_seed_ticket(tmp_path):
     assert ticket.info["layers"]["params/fc0/kernel"]["kept"] == [
         int(masks["params"]["fc0"]["kernel"][s].sum()) for s in range(3)]
     # like= may be one seed's tree or the stacked one
-    one = linen_params(jax.random.key(5))
+    one = linen_params(5)
     assert_bitwise_equal(params, T.load_ticket(path, like=one).params)
     assert_bitwise_equal(params, T.load_ticket(path, like=params).params)
     with pytest.raises(ValueError, match="same leading seed axis"):
@@ -107,7 +107,7 @@ def test_stacked_seed_ticket(tmp_path):
 
 
 def test_like_mismatch_names_the_path(tmp_path):
-    params = linen_params(jax.random.key(0))
+    params = linen_params(0)
     path = T.save_ticket(tmp_path / "t.npz", mask=magnitude_mask(params), params=params)
     wrong_shape = {"params": {**params["params"], "fc0": {"kernel": jnp.zeros((5, 6)), "bias": jnp.zeros(5)}}}
     with pytest.raises(ValueError, match=r"t\.npz: leaf params/fc0/kernel has shape \(6, 5\) in the ticket but \(5, 6\)"):
@@ -125,7 +125,7 @@ def test_like_mismatch_names_the_path(tmp_path):
 
 
 def test_save_errors(tmp_path):
-    params = linen_params(jax.random.key(0))
+    params = linen_params(0)
     mask = magnitude_mask(params)
     bad = jax.tree.map(lambda m: m, mask)
     bad["params"]["fc0"]["kernel"] = jnp.ones((5, 6), bool)
@@ -143,7 +143,7 @@ def test_save_errors(tmp_path):
 
 
 def test_killed_save_keeps_the_old_ticket(tmp_path, monkeypatch):
-    params = linen_params(jax.random.key(0))
+    params = linen_params(0)
     path = T.save_ticket(tmp_path / "t.npz", mask=magnitude_mask(params), params=params, metadata={"v": 1})
     calls = []
 
@@ -176,7 +176,7 @@ def _rewrite(src, dst, *, drop=(), replace=None):
 
 
 def test_corrupt_or_foreign_files_name_the_file_and_path(tmp_path):
-    params = linen_params(jax.random.key(0))
+    params = linen_params(0)
     good = T.save_ticket(tmp_path / "good.npz", mask=magnitude_mask(params), params=params)
 
     garbage = tmp_path / "garbage.npz"

@@ -38,7 +38,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from lottojax import scores as _scores
-from lottojax.masks import PyTree, Spec, apply_mask, check_mask, check_same_shapes, leaves_with_paths, prunable_flags, resolve_spec
+from lottojax.masks import (
+    PyTree,
+    Spec,
+    apply_mask,
+    check_mask,
+    check_same_shapes,
+    leaves_with_paths,
+    prunable_leaves,
+    resolve_spec,
+)
 from lottojax.prune import remove_lowest_global
 
 ScoreFn = Callable[..., PyTree]
@@ -385,33 +394,34 @@ def _raw_densities(shapes: list[tuple[int, ...]], distribution: str) -> np.ndarr
 
 
 @functools.partial(jax.jit, static_argnames=("shapes", "distribution"))
-def _distribution_counts(target: jax.Array, *, shapes: tuple[tuple[int, ...], ...], distribution: str) -> jax.Array:
-    """Per-leaf kept counts summing to exactly ``target`` (traced int) with densities of
-    :func:`lottojax.layer_densities`: capped at 1 (largest raw density first, as RigL), then
-    ``floor(d_l n_l)`` plus one for the leaves with the largest remainders."""
-    sizes_np = np.array([int(np.prod(s)) for s in shapes], np.float64)
-    raw_np = _raw_densities(shapes, distribution)
-    sizes = jnp.asarray(sizes_np, jnp.float32)
-    raw = jnp.asarray(raw_np, jnp.float32)
+def _distribution_counts(target: jax.Array, alive: jax.Array, *, shapes: tuple[tuple[int, ...], ...],
+                         distribution: str) -> jax.Array:
+    """Per-leaf kept counts summing to exactly ``target`` (traced int, at most
+    ``sum(alive)``): leaf ``l`` keeps ``ε r_l n_l`` (``r_l`` the raw density of
+    :mod:`lottojax.distributions`, ``n_l`` its size), capped at its ``alive`` count with ``ε``
+    solved again over the uncapped leaves (from a dense mask the cap is ``n_l``: RigL's
+    density cap at 1, so the densities are :func:`lottojax.layer_densities`'), then
+    ``floor`` plus one for the leaves with the largest remainders."""
+    sizes = jnp.asarray([float(np.prod(s)) for s in shapes], jnp.float32)
+    raw = jnp.asarray(_raw_densities(list(shapes), distribution), jnp.float32)
+    weight = raw * sizes
+    caps = alive.astype(jnp.float32)
     budget = target.astype(jnp.float32)
-    dense = jnp.zeros(len(shapes), bool)
 
-    def scale_of(dense):
-        free = jnp.sum(jnp.where(dense, 0.0, raw * sizes))
-        return (budget - jnp.sum(jnp.where(dense, sizes, 0.0))) / jnp.where(free > 0, free, 1.0)
+    def scale_of(capped):
+        free = jnp.sum(jnp.where(capped, 0.0, weight))
+        return (budget - jnp.sum(jnp.where(capped, caps, 0.0))) / jnp.where(free > 0, free, 1.0)
 
-    for _ in range(len(shapes)):  # each pass caps the largest raw density, or nothing
-        largest = jnp.max(jnp.where(dense, -jnp.inf, raw))
-        grow = jnp.any(~dense) & (scale_of(dense) * largest > 1.0)
-        dense = dense | (grow & ~dense & (raw == largest))
-    wanted = jnp.where(dense, sizes, jnp.minimum(sizes, scale_of(dense) * raw * sizes))
-    base = jnp.clip(jnp.floor(wanted), 0, sizes).astype(jnp.int32)
+    capped = jnp.zeros(len(shapes), bool)
+    for _ in range(len(shapes)):  # water-filling: the capped set only grows, so L passes suffice
+        capped = capped | (scale_of(capped) * weight > caps)
+    wanted = jnp.where(capped, caps, jnp.minimum(caps, scale_of(capped) * weight))
+    base = jnp.clip(jnp.floor(wanted), 0, caps).astype(jnp.int32)
     remainder = wanted - base
     deficit = target - jnp.sum(base)
-    int_sizes = jnp.asarray(sizes_np.astype(np.int64), jnp.int32)
-    # Rank leaves by remainder (descending) among those that can grow, and by remainder
-    # (ascending) among those that can shrink (float error only); ties to the lower index.
-    up_key = jnp.where(base < int_sizes, remainder, -jnp.inf)
+    # One more entry for the leaves with the largest remainders among those below their cap
+    # (one fewer for the smallest, should float error overshoot); ties to the lower index.
+    up_key = jnp.where(base < alive, remainder, -jnp.inf)
     up_rank = jnp.argsort(jnp.argsort(-up_key, stable=True), stable=True)
     down_key = jnp.where(base > 0, remainder, jnp.inf)
     down_rank = jnp.argsort(jnp.argsort(down_key, stable=True), stable=True)
@@ -457,8 +467,10 @@ def prune_with(
     ``alive - round(fraction * alive)``) is split over the prunable leaves by
     :func:`lottojax.layer_densities` at density ``K / N`` (``N`` prunable entries; ``'er'``
     is Erdős–Rényi), rounded so the leaves' counts sum to exactly ``K`` (largest
-    remainders); each leaf keeps the lowest of its count and its alive entries, so the
-    total is exact from a dense mask. ``method.scope``, when set, overrides ``scope``.
+    remainders). From a mask that is already sparse, a leaf keeps at most its alive
+    entries, and the others share what it cannot keep in the same proportions (as
+    ``layer_densities`` caps densities at 1), so the total is still exactly ``K``.
+    ``method.scope``, when set, overrides ``scope``.
 
     With ``method.rounds = n > 1`` the target is reached in ``n`` rounds (one
     ``lax.fori_loop``, compiled once): round ``k`` rescores the masked parameters and keeps
@@ -510,11 +522,9 @@ def prune_with(
     if not isinstance(context, ScoreContext):
         raise TypeError(f"context must be a lottojax.methods.ScoreContext, got {type(context).__name__}")
     check_mask(params, mask)
-    paths, mask_leaves, treedef = leaves_with_paths(mask)
-    flags = prunable_flags(params, prunable)
+    paths, _, _, flags = prunable_leaves(params, prunable, name="params")
+    _, mask_leaves, treedef = leaves_with_paths(mask)
     picked = [i for i, f in enumerate(flags) if f]
-    if not picked:
-        raise ValueError(f"no leaf of params is prunable (paths: {paths[:6]}); pass prunable= to say which are")
     shapes = [tuple(jnp.shape(mask_leaves[i])) for i in picked]
     total = sum(int(np.prod(s)) for s in shapes)
     alive0 = [jnp.sum(mask_leaves[i], dtype=jnp.int32) for i in picked]
@@ -539,8 +549,8 @@ def prune_with(
             _check_fraction(fraction, "fraction")
             target = alive_all - _remove_count(fraction, alive_all)
         if per_leaf:
-            counts = _distribution_counts(target, shapes=tuple(shapes), distribution=_DISTRIBUTIONS[scope])
-            targets = jnp.minimum(counts, jnp.stack(alive0))
+            targets = _distribution_counts(target, jnp.stack(alive0), shapes=tuple(shapes),
+                                           distribution=_DISTRIBUTIONS[scope])
         else:
             targets = target
     start = jnp.stack(alive0) if per_leaf else sum(alive0)
