@@ -329,10 +329,12 @@ def test_argument_errors():
         M.prune_with("magnitude", params, mask, key=key, keep=3, scope="glob")
     with pytest.raises(ValueError, match=r"keep=1000 is outside \[0, 192\]"):
         M.prune_with("magnitude", params, mask, key=key, keep=1000)
-    with pytest.raises(ValueError, match="fraction=1.0"):
+    with pytest.raises(ValueError, match=r"fraction=1.0 with scope='global' is outside \[0, 1\)"):
         M.prune_with("magnitude", params, mask, key=key, fraction=1.0)
     with pytest.raises(ValueError, match="per-leaf fractions need scope='layerwise'"):
         M.prune_with("magnitude", params, mask, key=key, fraction={"fc0": 0.1, "fc1": 0.2})
+    with pytest.raises(ValueError, match=r"fraction with scope='erk' \(the scope of pruning method 'random-erk'\) must be one"):
+        M.prune_with("random-erk", params, mask, key=key, fraction={"fc0": 0.1, "fc1": 0.2}, scope="layerwise")
     with pytest.raises(ValueError, match="no leaf of the params is prunable"):
         M.prune_with("magnitude", params, mask, key=key, keep=3, prunable=False)
 

@@ -162,8 +162,8 @@ def random() -> PruningMethod:
     so every layer keeps the target density in expectation).
 
     Examples:
-      >>> params = {'w': jnp.zeros((10, 10))}
-      >>> mask = prune_with(random(), params, {'w': jnp.ones((10, 10), bool)}, key=jax.random.key(0), keep=7)
+      >>> params = {'w': jnp.zeros((4, 5))}
+      >>> mask = prune_with(random(), params, {'w': jnp.ones((4, 5), bool)}, key=jax.random.key(0), keep=7)
       >>> int(mask['w'].sum())
       7
     """
@@ -179,11 +179,11 @@ def random_erk() -> PruningMethod:
     """Random scores within each layer, per-layer densities by ERK (``scope='erk'``).
 
     Examples:
-      >>> params = {'a': jnp.zeros((100, 100)), 'b': jnp.zeros((100, 10))}
+      >>> params = {'a': jnp.zeros((20, 20)), 'b': jnp.zeros((20, 4))}
       >>> mask = prune_with(random_erk(), params, jax.tree.map(lambda p: jnp.ones(p.shape, bool), params),
-      ...                   key=jax.random.key(0), keep=1100)
-      >>> int(mask['a'].sum()), int(mask['b'].sum())  # the narrow layer keeps more
-      (710, 390)
+      ...                   key=jax.random.key(0), keep=48)
+      >>> int(mask['a'].sum()), int(mask['b'].sum())  # densities 7.5% and 22.5%: the narrow layer keeps more
+      (30, 18)
     """
     return random()._replace(name="random-erk", scope="erk")
 
@@ -344,22 +344,22 @@ def _is_concrete(value) -> bool:
     return not isinstance(value, jax.core.Tracer)
 
 
-def _check_fraction(value, where: str) -> None:
+def _check_fraction(value, *, leaf: Optional[str] = None, scope: str = "global", origin: str = "") -> None:
+    """Concrete fractions must be one number in [0, 1); traced ones are clipped later."""
     if not _is_concrete(value):
         return
     try:
         concrete = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
         concrete = None
+    where = f" for {leaf}" if leaf is not None else f" with scope={scope!r}{origin}"
     if concrete is None or concrete.shape != ():
-        raise ValueError(
-            f"{where} must be one number, got {type(value).__name__}"
-            + ("" if "for" in where else " (per-leaf fractions need scope='layerwise')")
-        )
+        hint = "" if leaf is not None else "; per-leaf fractions need scope='layerwise'"
+        raise ValueError(f"fraction{where} must be one number, got {type(value).__name__}{hint}")
     if not 0.0 <= float(concrete) < 1.0:
         raise ValueError(
-            f"{where}={float(concrete)} is outside [0, 1): it is the fraction of the currently alive "
-            "prunable entries to remove (0.2 removes 20%)"
+            f"fraction={float(concrete)}{where} is outside [0, 1): it is the fraction of the currently "
+            "alive prunable entries to remove (0.2 removes 20%)"
         )
 
 
@@ -508,10 +508,11 @@ def prune_with(
       ([[False, True]], [[False, False], [True, True]])
     """
     method = resolve_method(method)
+    origin = ""
     if method.scope is not None:
-        scope = method.scope
+        scope, origin = method.scope, f" (the scope of pruning method {method.name!r})"
     if scope not in SCOPES:
-        raise ValueError(f"scope={scope!r} unknown; choose from {SCOPES}")
+        raise ValueError(f"scope={scope!r}{origin} unknown; choose from {SCOPES}")
     rounds = method.rounds
     if isinstance(rounds, (bool, np.bool_)) or not isinstance(rounds, (int, np.integer)) or rounds < 1:
         raise ValueError(f"pruning method {method.name!r}: rounds={rounds!r} must be an int >= 1")
@@ -532,12 +533,12 @@ def prune_with(
     per_leaf = scope != "global"
     if scope == "layerwise":
         if keep is not None:
-            raise ValueError("scope='layerwise' takes fraction= (per leaf); keep= is a global count: "
+            raise ValueError(f"scope='layerwise'{origin} takes fraction= (per leaf); keep= is a global count: "
                              "use scope='global', or 'uniform' for the same density in every layer")
         fractions = resolve_spec(fraction, params, name="fraction", default=None)
         targets = []
         for i, a in zip(picked, alive0):
-            _check_fraction(fractions[i], f"fraction for {paths[i]}")
+            _check_fraction(fractions[i], leaf=paths[i])
             targets.append(a - _remove_count(fractions[i], a))
         targets = jnp.stack(targets)
     else:
@@ -546,7 +547,7 @@ def prune_with(
             _check_keep(keep, total)
             target = jnp.clip(jnp.asarray(keep).astype(jnp.int32), 0, alive_all)
         else:
-            _check_fraction(fraction, "fraction")
+            _check_fraction(fraction, scope=scope, origin=origin)
             target = alive_all - _remove_count(fraction, alive_all)
         if per_leaf:
             targets = _distribution_counts(target, jnp.stack(alive0), shapes=tuple(shapes),
