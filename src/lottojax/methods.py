@@ -255,7 +255,7 @@ def synflow(rounds: int = 100, dtype=None) -> PruningMethod:
       ([[True, False, False]], [[True], [False], [False]])
     """
     rounds = _positive_int(rounds, "rounds", "synflow")
-    _scores._check_dtype(dtype)
+    _scores.check_dtype(dtype)
     wide = dtype is not None and jnp.dtype(dtype).itemsize > 4
 
     def scores(params, *, key, context, prunable):

@@ -215,7 +215,9 @@ def class_balanced_sample(
     return jnp.asarray(x)[index], y[index]
 
 
-def _check_dtype(dtype) -> None:
+def check_dtype(dtype) -> None:
+    """Raises unless ``dtype`` (a SynFlow computation dtype) is usable as it is: float64
+    needs 64-bit JAX."""
     if dtype is not None and jax.dtypes.canonicalize_dtype(dtype) != jnp.dtype(dtype):
         raise ValueError(
             f"dtype={jnp.dtype(dtype).name} needs 64-bit JAX: run "
@@ -260,7 +262,7 @@ def synflow(params: PyTree, *, apply_fn: Callable[[PyTree, jax.Array], jax.Array
       >>> s['w0'].tolist(), s['w1'].tolist()  # paths 1*3 and 2*0.5; each layer sums to R = 4
       ([[3.0, 1.0]], [[3.0], [1.0]])
     """
-    _check_dtype(dtype)
+    check_dtype(dtype)
     linear = jax.tree.map(lambda p: jnp.abs(p).astype(dtype or jnp.result_type(p)), params)
     ones = jnp.ones((1, *tuple(input_shape)), dtype or jnp.float32)
     grads = jax.grad(lambda p: jnp.sum(apply_fn(p, ones)))(linear)
@@ -309,7 +311,7 @@ def synflow_mask(
     if rounds < 1:
         raise ValueError(f"rounds={rounds} must be >= 1")
     _check_density(density)
-    _check_dtype(dtype)
+    check_dtype(dtype)
     flags = prunable_leaves(params, prunable, name="params")[3]
     total = sum(int(np.prod(jnp.shape(p))) for p, flag in zip(jax.tree.leaves(params), flags) if flag)
     density = jnp.asarray(density, jnp.float32)
