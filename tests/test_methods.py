@@ -74,8 +74,8 @@ NETS = {"mlp": (mlp_params, mlp_apply, (8,)), "conv": (conv_params, conv_apply, 
 
 def context_for(net):
     _, apply_fn, input_shape = NETS[net]
-    x = normal(1, (40, *input_shape))
-    y = jnp.arange(40) % NUM_CLASSES
+    x = normal(1, (128, *input_shape))
+    y = jnp.arange(128) % NUM_CLASSES
     return M.ScoreContext(apply_fn=apply_fn, eval_apply_fn=apply_fn, x=x, y=y, input_shape=input_shape,
                           num_classes=NUM_CLASSES)
 
@@ -224,7 +224,7 @@ def test_snip_and_grasp_equal_direct_calls_on_the_same_batch():
     # method draws with the key: choice without replacement (SNIP), class-balanced (GraSP).
     params, ctx = mlp_params(0), context_for("mlp")
     dense, key = lj.ones_like(params), jax.random.key(3)
-    index = jax.random.choice(key, 40, (16,), replace=False)
+    index = jax.random.choice(key, 128, (16,), replace=False)
     expected = lj.snip(params, apply_fn=mlp_apply, batch=(ctx.x[index], ctx.y[index]))
     got = M.prune_with(M.snip(batch_size=16), params, dense, key=key, context=ctx, keep=60)
     assert_masks_equal(got, remove_lowest_global(expected, dense, lambda a: a - 60))
@@ -302,7 +302,7 @@ def test_multi_round_schedule_reaches_target_through_rescoring():
 def test_registry_is_read_only_and_lists_names():
     with pytest.raises(TypeError):
         M.METHODS["mine"] = M.magnitude
-    with pytest.raises(ValueError, match="'magnitude', 'random', 'random-erk', 'snip', 'grasp', 'synflow'"):
+    with pytest.raises(ValueError, match="'magnitude', 'random', 'random-erk', 'snip', 'grasp', 'synflow', 'iterative-snip'"):
         M.get_method("nope")
     with pytest.raises(ValueError, match="no hyperparameter 'batchsize'.*batch_size"):
         M.get_method("snip", batchsize=3)

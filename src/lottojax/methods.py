@@ -271,6 +271,18 @@ def synflow(rounds: int = 100, dtype=None) -> PruningMethod:
     return PruningMethod("synflow", scores, rounds=rounds)
 
 
+def iterative_snip(batch_size: int = 100, rounds: int = 100) -> PruningMethod:
+    """SNIP applied progressively (the schedule of FORCE, de Jorge et al. 2021): ``rounds``
+    rounds of the exponential schedule, each rescoring the *masked* network on a fresh
+    batch, so weights that only matter with their neighbours gone are not cut early.
+
+    Examples:
+      >>> get_method('iterative-snip', rounds=10).rounds
+      10
+    """
+    return snip(batch_size)._replace(name="iterative-snip", rounds=_positive_int(rounds, "rounds", "iterative-snip"))
+
+
 METHODS: Mapping[str, Callable[..., PruningMethod]] = types.MappingProxyType({
     "magnitude": magnitude,
     "random": random,
@@ -278,6 +290,7 @@ METHODS: Mapping[str, Callable[..., PruningMethod]] = types.MappingProxyType({
     "snip": snip,
     "grasp": grasp,
     "synflow": synflow,
+    "iterative-snip": iterative_snip,
 })
 """The registry: name -> factory. Read-only; pass a :class:`PruningMethod` value for a
 method that is not registered."""
@@ -296,7 +309,7 @@ def get_method(name: str, **hparams) -> PruningMethod:
       >>> get_method('snipp')
       Traceback (most recent call last):
       ...
-      ValueError: pruning method 'snipp' is not registered; registered: 'magnitude', 'random', 'random-erk', 'snip', 'grasp', 'synflow' (or pass a PruningMethod value)
+      ValueError: pruning method 'snipp' is not registered; registered: 'magnitude', 'random', 'random-erk', 'snip', 'grasp', 'synflow', 'iterative-snip' (or pass a PruningMethod value)
       >>> get_method('snip', batch=10)
       Traceback (most recent call last):
       ...

@@ -59,7 +59,8 @@ class PruneAtInitConfig(ExperimentConfig):
 
     imp_rate: float = option(0.2, "global IMP rate per round (fixes the compared densities)")
     levels: tuple[int, ...] = option((7, 11, 15, 19, 23), "IMP levels whose densities the methods are compared at")
-    methods: tuple[str, ...] = option(tuple(METHODS), "pruning methods at initialisation (lottojax.methods.METHODS)",
+    methods: tuple[str, ...] = option(("random", "random-erk", "magnitude", "snip", "grasp", "synflow"),
+                                      "pruning methods at initialisation (any of lottojax.methods.METHODS)",
                                       choices=tuple(METHODS))
     snip_batch: int = option(100, "SNIP: examples in its one minibatch")
     grasp_per_class: int = option(10, "GraSP: examples per class in its class-balanced sample")
