@@ -11,15 +11,13 @@ test accuracy, mean ± std over seeds, and the training FLOPs and wall time save
 dense training) and writes results and the epoch x epoch mask-distance heatmap to the run
 directory. Re-running the same command resumes a killed run.
 """
-from lottojax.eb_experiment import EarlyBirdConfig, eb_table, run_early_bird
-from lottojax.experiment import parse_config
+from lottojax.experiments import cli
+from lottojax.experiments.early_bird import EarlyBirdConfig, eb_table, run_early_bird
 
 
 def main(argv=None) -> None:
-    config, out = parse_config(EarlyBirdConfig, argv, description=__doc__)
-    summary, workdir = run_early_bird(config, out)
-    print(eb_table(summary))
-    print(f"\nresults, heatmap and checkpoint in {workdir}/")
+    cli.main(run_early_bird, EarlyBirdConfig, argv, description=__doc__, experiment="early_bird",
+             report=lambda summary: print(eb_table(summary)))
 
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from lottojax.eb_experiment import EarlyBirdConfig, eb_table, run_early_bird
+from lottojax.experiments.base import ConfigError
+from lottojax.experiments.early_bird import EarlyBirdConfig, eb_table, run_early_bird
 
 CONFIG = EarlyBirdConfig(
     model="vgg11", widths=(6,) * 8, dataset="tfds:cifar10", validation=8, epochs=3,
-    batch_size=8, ratios=(0.5,), window=2, eps=1.0, seeds=1, epochs_per_call=2,
+    batch_size=8, ratios=(0.5,), window=2, eps=1.0, seeds=(0,), epochs_per_call=2,
 )
 
 
@@ -48,20 +49,23 @@ def test_cifar10_vgg_pipeline_on_mock_data_and_resume(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "change, message",
-    [(dict(mask="filter"), "mask="), (dict(retrain=("finetune",)), "retrain="), (dict(ratios=(1.0,)), "ratios="),
-     (dict(search_bits=1), "search_bits="), (dict(model="resnet20", widths=(8,)), "widths=")],
+    "change, field",
+    [(dict(mask="filter"), "mask"), (dict(retrain=("finetune",)), "retrain"), (dict(ratios=(1.0,)), "ratios"),
+     (dict(search_bits=1), "search_bits"), (dict(model="resnet20", widths=(8,)), "widths"),
+     (dict(seeds=(1, 1)), "seeds"), (dict(epochs=0), "epochs")],
 )
-def test_bad_configs_are_rejected_before_any_work(tmp_path, change, message):
+def test_bad_configs_are_rejected_before_any_work(tmp_path, change, field):
     config = EarlyBirdConfig(**{**CONFIG.__dict__, "dataset": "no-such-dataset", **change})
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError) as error:
         run_early_bird(config, str(tmp_path), progress=False)
+    assert error.value.field == field
+    assert not list(tmp_path.iterdir())
 
 
 SHARDED_EXPERIMENT = """
 import json, sys
-from lottojax.eb_experiment import EarlyBirdConfig, run_early_bird
-config = EarlyBirdConfig(widths=(4, 4), epochs=3, batch_size=250, ratios=(0.5,), window=2, eps=1.0, seeds=3,
+from lottojax.experiments.early_bird import EarlyBirdConfig, run_early_bird
+config = EarlyBirdConfig(widths=(4, 4), epochs=3, batch_size=250, ratios=(0.5,), window=2, eps=1.0, seeds=(0, 1, 2),
                          retrain=(), epochs_per_call=2, devices=sys.argv[2] or None)
 summary, _ = run_early_bird(config, sys.argv[1], progress=False)
 json.dump(summary, open(sys.argv[1] + "/summary.json", "w"))

@@ -15,8 +15,9 @@ import pytest
 import lottojax as lj
 from lottojax.data import Dataset
 from lottojax.early_bird import channel_mask, detect_early_bird
-from lottojax.eb_experiment import _Phase
+from lottojax.checkpoint import Checkpointer
 from lottojax.eb_train import make_epoch_loop
+from lottojax.experiments.early_bird import _Phase
 from lottojax.models import create
 from lottojax.train import make_trainer
 
@@ -126,9 +127,10 @@ def test_phase_resumes_from_its_checkpoint(setup, tmp_path):
     loop = loop_for(trainer, evaluate=True)
     state, keys = start(trainer, loop, [0, 1])
     initial = lambda: state
-    _Phase(str(tmp_path / "split"), loop, initial).run(data, keys, num_epochs=3, chunk=2, seeds=2)  # "killed" after epoch 3
-    resumed, _ = _Phase(str(tmp_path / "split"), loop, initial).run(data, keys, num_epochs=EPOCHS, chunk=2, seeds=2)
-    whole, seconds = _Phase(str(tmp_path / "whole"), loop, lambda: state).run(data, keys, num_epochs=EPOCHS, chunk=EPOCHS, seeds=2)
+    phase = lambda name, make_initial: _Phase(Checkpointer(str(tmp_path / name), {"epochs": EPOCHS}), loop, make_initial)
+    phase("split", initial).run(data, keys, num_epochs=3, chunk=2, seeds=2)  # "killed" after epoch 3
+    resumed, _ = phase("split", initial).run(data, keys, num_epochs=EPOCHS, chunk=2, seeds=2)
+    whole, seconds = phase("whole", lambda: state).run(data, keys, num_epochs=EPOCHS, chunk=EPOCHS, seeds=2)
     assert int(resumed.epoch) == int(whole.epoch) == EPOCHS and seconds > 0
     chex.assert_trees_all_close(resumed.train.params, whole.train.params, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(resumed.detector.epoch, whole.detector.epoch)
@@ -193,7 +195,7 @@ def test_loop_arguments_are_checked(setup):
 
 def test_low_precision_search_finds_early_bird_tickets_on_mnist1d():
     from lottojax.data import load
-    from lottojax.eb_experiment import EarlyBirdConfig, make_eb_optimizer
+    from lottojax.experiments.early_bird import EarlyBirdConfig, make_eb_optimizer
     from lottojax.quantize import low_precision
 
     data = jax.device_put(load("mnist1d"))

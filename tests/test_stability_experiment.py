@@ -1,16 +1,21 @@
-"""The rewind-step sweep: results of a tiny run, resume after a kill, the thin main."""
+"""The rewind-step sweep: results of a tiny run, resume after a kill, the thin main, config
+errors, and the seeds split over two devices."""
 import json
+import os
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import lottojax.stability_experiment as sweep
-from lottojax.stability_experiment import StabilityConfig, run_stability
+import lottojax.experiments.stability as sweep
+from lottojax.experiments.base import ConfigError
+from lottojax.experiments.stability import StabilityConfig, run_stability
 
 FLAGS = dict(dataset="idx", validation=20, widths=(8,), batch_size=20, num_steps=12, eval_every=6,
-             rewind_steps=(0, 4), seeds=2, num_points=3, rounds=1, prune_rate=0.5, stats_batches=2)
+             rewind_steps=(0, 4), seeds=(0, 1), num_points=3, rounds=1, prune_rate=0.5, stats_batches=2)
 
 
 def write_idx(path, array):
@@ -34,10 +39,10 @@ def test_killed_sweep_resumes_at_the_next_rewind_step_through_the_main(idx_dir, 
     config = StabilityConfig(data_dir=idx_dir, **FLAGS)
     compute, records = sweep._one_rewind_step, []
 
-    def crash_at_second_k(config, trainer, model, data, k, workdir, progress):
+    def crash_at_second_k(config, setup, k, workdir, progress):
         if records:
             raise KeyboardInterrupt
-        records.append(compute(config, trainer, model, data, k, workdir, progress))
+        records.append(compute(config, setup, k, workdir, progress))
         return records[-1]
 
     monkeypatch.setattr(sweep, "_one_rewind_step", crash_at_second_k)
@@ -45,10 +50,12 @@ def test_killed_sweep_resumes_at_the_next_rewind_step_through_the_main(idx_dir, 
         run_stability(config, str(tmp_path / "runs"), progress=False)
 
     computed = []
-    monkeypatch.setattr(sweep, "_one_rewind_step", lambda *args: computed.append(args[4]) or compute(*args))
+    monkeypatch.setattr(sweep, "_one_rewind_step", lambda *args: computed.append(args[2]) or compute(*args))
     flags = [f"--{k.replace('_', '-')}" for k in FLAGS]
     argv = ["--net", "mlp", "--data-dir", idx_dir, "--out", str(tmp_path / "runs")]
     for flag, value in zip(flags, FLAGS.values()):
+        if flag == "--seeds":
+            value = ",".join(map(str, value))
         argv += [flag, *map(str, value)] if isinstance(value, tuple) else [flag, str(value)]
     main(argv)
     assert computed == [4], "k = 0 came from the checkpoint"
@@ -73,20 +80,62 @@ def test_killed_sweep_resumes_at_the_next_rewind_step_through_the_main(idx_dir, 
     np.testing.assert_array_equal(result.dense_accuracy, result.level_accuracy[:, 0, :, 0])
     summary = json.load(open(f"{workdir}/results.json"))
     assert [row["rewind_step"] for row in summary["rewind_steps"]] == [0, 4]
+    assert summary["rewind_steps"][1]["dense_barrier"]["n"] == 2
     assert set(np.load(f"{workdir}/results.npz")) >= {"dense_error", "sparse_barrier", "imp_accuracy", "arms"}
     assert (tmp_path / "runs" / workdir.split("/")[-1] / "stability.png").exists()
 
 
 @pytest.mark.parametrize(
-    "change, message",
+    "change, field",
     [
         (dict(rewind_steps=(0, 1500)), "rewind_steps"),
-        (dict(rewind_steps=(5, 5)), "distinct"),
-        (dict(model="vgg11", widths=(8,)), "widths"),
-        (dict(seeds=0), "seeds"),
+        (dict(rewind_steps=(5, 5)), "rewind_steps"),
+        (dict(model="resnet20", widths=(8,)), "widths"),
+        (dict(seeds=()), "seeds"),
         (dict(lr_drops=(0.5, 1.0)), "lr_drops"),
+        (dict(rounds=0), "rounds"),
+        (dict(controls=("ticket",)), "controls"),
     ],
 )
-def test_bad_configs_are_named_before_any_work(change, message, tmp_path):
-    with pytest.raises(ValueError, match=message):
+def test_bad_configs_are_named_before_any_work(change, field, tmp_path):
+    with pytest.raises(ConfigError) as error:
         run_stability(StabilityConfig(**change), str(tmp_path))
+    assert error.value.field == field
+    assert not list(tmp_path.iterdir())
+
+
+def test_net_flag_is_in_the_help_and_a_bad_flag_exits_2(capsys):
+    main = runpy.run_path(str(Path(__file__).parents[1] / "experiments" / "stability.py"))["main"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0 and "--net {mlp,cnn1d,both}" in capsys.readouterr().out
+    for argv, flag in ((["--net", "resnet"], "--net"), (["--net", "cnn1d", "--prune-rate", "1.5"], "--prune-rate")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+SHARDED_SWEEP = """
+import sys
+import numpy as np
+from lottojax.experiments.stability import StabilityConfig, run_stability
+flags = dict(dataset="idx", data_dir=sys.argv[1], validation=20, widths=(8,), batch_size=20, num_steps=12,
+             eval_every=6, rewind_steps=(4,), seeds=(0, 1, 2), num_points=3, rounds=1, prune_rate=0.5,
+             stats_batches=2, controls=())
+(sharded, _), (one, _) = (run_stability(StabilityConfig(devices=d, **flags), sys.argv[2], progress=False)
+                          for d in ("all", None))
+for name, value in sharded._asdict().items():
+    if isinstance(value, np.ndarray) and name != "seconds":
+        np.testing.assert_array_equal(value, getattr(one, name), err_msg=name)
+print(sharded.dense_barrier.shape)
+"""
+
+
+def test_sweep_sharded_over_two_devices_matches_one_device(idx_dir, tmp_path):
+    """``devices='all'``: 3 seeds padded to 4 over 2 devices, in IMP and in the instability
+    program; the padding seed is dropped and every array equals the one-device run's."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", SHARDED_SWEEP, idx_dir, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("(1, 3)")

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 
 from lottojax.data import load
 from lottojax.early_bird import channel_mask, weight_mask
-from lottojax.eb_experiment import EarlyBirdConfig, make_eb_optimizer
 from lottojax.eb_train import make_epoch_loop
+from lottojax.experiments.early_bird import EarlyBirdConfig, make_eb_optimizer
 from lottojax.models import create
 from lottojax.timing import interleaved
 from lottojax.train import make_trainer

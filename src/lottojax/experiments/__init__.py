@@ -7,19 +7,35 @@ plotting (:mod:`~lottojax.experiments.plots`) and the command line
 (:mod:`~lottojax.experiments.cli`) — and the experiments themselves.
 """
 from lottojax.experiments.base import ConfigError, ExperimentConfig, Setup, build, make_optimizer
+from lottojax.experiments.early_bird import EarlyBirdConfig, eb_table, run_early_bird
 from lottojax.experiments.lottery import LotteryConfig, imp_table, load_lottery, run_lottery
+from lottojax.experiments.stability import (
+    CNN1DStabilityConfig,
+    StabilityConfig,
+    StabilityResult,
+    run_stability,
+    stability_table,
+)
 from lottojax.experiments.store import mean_std, stats
 
 __all__ = [
+    "CNN1DStabilityConfig",
     "ConfigError",
+    "EarlyBirdConfig",
     "ExperimentConfig",
     "LotteryConfig",
     "Setup",
+    "StabilityConfig",
+    "StabilityResult",
     "build",
+    "eb_table",
     "imp_table",
     "load_lottery",
     "make_optimizer",
     "mean_std",
+    "run_early_bird",
     "run_lottery",
+    "run_stability",
+    "stability_table",
     "stats",
 ]

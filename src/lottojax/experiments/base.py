@@ -30,6 +30,22 @@ def option(default, help: str, *, choices=None, extends: bool = False):
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "extends": extends})
 
 
+def override(config_cls, name: str, default):
+    """Field ``name`` of ``config_cls`` with another default, keeping its help, choices and
+    ``extends``: how an experiment (or a preset) changes the default of an inherited field.
+
+    Examples:
+      >>> @dataclasses.dataclass(frozen=True)
+      ... class Short(ExperimentConfig):
+      ...     num_steps: int = override(ExperimentConfig, 'num_steps', 500)
+      >>> field = {f.name: f for f in dataclasses.fields(Short)}['num_steps']
+      >>> Short().num_steps, field.metadata['help']
+      (500, 'training steps per run (per IMP level)')
+    """
+    field = {f.name: f for f in dataclasses.fields(config_cls)}[name]
+    return dataclasses.field(default=default, metadata=field.metadata)
+
+
 class ConfigError(ValueError):
     """A config field has a bad value; ``field`` names it (the CLI reports ``--field-name``)."""
 

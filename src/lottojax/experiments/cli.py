@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import sys
 import typing
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from lottojax.experiments.base import ConfigError
 
@@ -54,9 +54,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def build_parser(config_cls, *, description: str = "", presets: Optional[dict] = None) -> argparse.ArgumentParser:
-    """The argument parser of ``config_cls`` (see the module docstring)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(config_cls, *, description: str = "", presets: Optional[dict] = None,
+                 parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
+    """The argument parser of ``config_cls`` (see the module docstring); the flags of
+    ``parents`` (parsers made with ``add_help=False``) come first, shown in ``--help``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=list(parents))
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=next(iter(presets)),
                             help="a named setting: its defaults, overridden by the other flags "
@@ -88,9 +91,11 @@ def build_parser(config_cls, *, description: str = "", presets: Optional[dict] =
     return parser
 
 
-def parse_config(config_cls, argv=None, *, description: str = "", presets: Optional[dict] = None):
+def parse_config(config_cls, argv=None, *, description: str = "", presets: Optional[dict] = None,
+                 parents: Sequence[argparse.ArgumentParser] = ()):
     """``(config, out)`` from command-line flags; exits with status 2 and a message naming
-    the flag on bad input, before anything is written.
+    the flag on bad input, before anything is written. The flags of ``parents`` are
+    accepted and left to the caller (who parses them with those parsers).
 
     Examples:
       >>> from lottojax.experiments.lottery import LotteryConfig
@@ -98,12 +103,13 @@ def parse_config(config_cls, argv=None, *, description: str = "", presets: Optio
       >>> config.seeds, config.rounds, out
       ((2, 3), 4, 'runs')
     """
-    parser = build_parser(config_cls, description=description, presets=presets)
+    parser = build_parser(config_cls, description=description, presets=presets, parents=parents)
     args = vars(parser.parse_args(argv))
     out, cpu_devices = args.pop("out"), args.pop("cpu_devices")
     if presets:
         config_cls = presets[args.pop("preset")]
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if v is not None}
+    fields = {field.name for field in dataclasses.fields(config_cls)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items() if v is not None and k in fields}
     try:
         config = config_cls(**values)
         getattr(config, "check", lambda: None)()
@@ -117,12 +123,13 @@ def parse_config(config_cls, argv=None, *, description: str = "", presets: Optio
 
 
 def main(run: Callable, config_cls, argv=None, *, description: str = "", experiment: str,
-         report: Callable = print, presets: Optional[dict] = None) -> None:
+         report: Callable = print, presets: Optional[dict] = None,
+         parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     """Parses the flags, runs ``run(config, out)`` -> ``(result, workdir)`` and prints
     ``report(result)``; on Ctrl-C says how to resume (exit status 130)."""
     from lottojax.experiments.store import run_directory
 
-    config, out = parse_config(config_cls, argv, description=description, presets=presets)
+    config, out = parse_config(config_cls, argv, description=description, presets=presets, parents=parents)
     workdir = run_directory(out, experiment, config)
     try:
         result, workdir = run(config, out)

@@ -1,7 +1,8 @@
 """The Early-Bird experiment (You et al., ICLR 2020) from one config.
 
 :func:`run_early_bird` is what ``python experiments/early_bird.py`` runs; a notebook can call
-it the same way. For all seeds at once (vmapped) it
+it the same way. For all seeds at once (one compiled program: the seeds by ``seed_strategy``,
+split across ``devices``) it
 
 1. trains the dense baseline for the whole schedule (SGD with momentum, weight decay, the
    network-slimming penalty and a piecewise-constant learning rate), recording every epoch's
@@ -17,9 +18,11 @@ it the same way. For all seeds at once (vmapped) it
    Early-Bird pipeline against dense training.
 
 It writes into ``<root>/early_bird-<config hash>/``: ``config.json``, ``results.json``
-(per ratio: EB epochs per seed, retrained accuracy mean/std/per seed, FLOPs and time
+(per ratio: EB epochs per seed, retrained accuracy mean/std/n/per seed, FLOPs and time
 savings; the dense baseline), ``results.npz`` (every per-epoch array), ``heatmap.png``
-and ``checkpoint/`` (a killed run resumes from the last chunk of epochs or retraining).
+and ``checkpoint/`` (``dense/`` and ``search/``: a :class:`~lottojax.checkpoint.Checkpointer`
+each, saved after every chunk of ``epochs_per_call`` epochs; ``retrain.json`` after every
+ticket: a killed run resumes from the last chunk of epochs or retraining).
 """
 from __future__ import annotations
 
@@ -28,27 +31,34 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lottojax.checkpoint import Checkpointer, write_json
 from lottojax.early_bird import channel_mask, mask_distance_matrix, slimming_penalty, weight_mask
-from lottojax.eb_train import (
-    EpochLoop,
-    EpochLoopState,
-    compiled_step,
-    detection_flops,
-    make_epoch_loop,
+from lottojax.eb_train import EpochLoop, EpochLoopState, compiled_step, detection_flops, make_epoch_loop
+from lottojax.experiments.base import (
+    ConfigError,
+    ExperimentConfig,
+    build,
+    learning_rate_schedule,
+    load_dataset,
+    make_optimizer,
+    model_kwargs,
+    option,
+    override,
 )
-from lottojax.experiment import load_dataset, make_optimizer, run_directory, write_json
+from lottojax.experiments.plots import figure, save
+from lottojax.experiments.store import mean_std, open_run, stats, write_results
 from lottojax.masks import apply_mask, ones_like
 from lottojax.optim import set_mask
 from lottojax.prune import prune_global, prune_layerwise
 from lottojax.scores import magnitude
-from lottojax.seeds import device_count, gather, pad_seeds, put_seeded, resolve_strategy, seed_mesh
+from lottojax.seeds import device_count, gather, pad_seeds, put_seeded, seed_keys
 from lottojax.timing import interleaved
 from lottojax.train import TrainState, make_trainer
 
@@ -57,7 +67,7 @@ RETRAIN_MODES = ("continue", "reinit")
 
 
 @dataclasses.dataclass(frozen=True)
-class EarlyBirdConfig:
+class EarlyBirdConfig(ExperimentConfig):
     """Everything that defines a run; the defaults are the MNIST-1D reproduction.
 
     The paper's CIFAR recipe (SGD lr 0.1, momentum 0.9, weight decay 1e-4, lr x0.1 at 50%
@@ -65,86 +75,76 @@ class EarlyBirdConfig:
     on the 1D-CNN with BatchNorm (3 x 32 channels) for 30 epochs of batch 128.
     ``--dataset tfds:cifar10 --model vgg16 --epochs 160 --batch-size 64`` is the paper's
     CIFAR-10 setting (without its data augmentation, which lottojax's trainer lacks).
+    Training counts epochs (``epochs``); ``num_steps`` and ``eval_every`` are unused.
     """
 
-    model: str = "cnn1d"
-    widths: tuple[int, ...] = ()  # conv widths ('channels' of cnn1d, 'widths' of vgg); () = the model's
-    dataset: str = "mnist1d"
-    data_dir: Optional[str] = None
-    validation: Optional[int] = None  # None: the loader's default
-    epochs: int = 30
-    batch_size: int = 128
-    learning_rate: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_drops: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs at which the lr is multiplied by lr_factor
-    lr_factor: float = 0.1
-    penalty: float = 1e-4  # network-slimming s during the dense run and the search; retraining uses none
-    mask: str = "channel"  # 'channel' (BN scales, physically pruned) or 'weight' (magnitude, masked)
-    weight_scope: str = "global"  # for mask='weight': 'global' or 'layerwise'
-    ratios: tuple[float, ...] = (0.3, 0.5, 0.7)
-    window: int = 5
-    eps: float = 0.1
-    search_bits: int = 0  # 0: full-precision search; 8: the paper's low-precision search
-    retrain: tuple[str, ...] = RETRAIN_MODES
-    seeds: int = 5
-    epochs_per_call: int = 10  # epochs per compiled call between checkpoints
-    seed_strategy: str = "auto"  # 'auto', 'vmap' or 'map': see lottojax.seeds.map_seeds
-    devices: Optional[str] = None  # 'all': split the seeds across every device (of every process)
+    model: str = override(ExperimentConfig, "model", "cnn1d")
+    optimizer: str = override(ExperimentConfig, "optimizer", "momentum")
+    learning_rate: float = override(ExperimentConfig, "learning_rate", 0.1)
+    lr_drops: tuple[float, ...] = override(ExperimentConfig, "lr_drops", (0.5, 0.75))
+    weight_decay: float = override(ExperimentConfig, "weight_decay", 1e-4)
+    batch_size: int = override(ExperimentConfig, "batch_size", 128)
+    num_steps: int = option(3000, "unused: Early-Bird counts --epochs")
+    eval_every: int = option(100, "unused: Early-Bird evaluates once per epoch")
+    epochs: int = option(30, "training epochs of the dense run, the search and each retraining")
+    penalty: float = option(1e-4, "network-slimming penalty on the BatchNorm scales during the dense run and the "
+                                  "search (retraining uses none)")
+    mask: str = option("channel", "ticket mask: channel (BatchNorm scales; the net is physically shrunk) or "
+                                  "weight (per-weight magnitude; masked)", choices=MASKS)
+    weight_scope: str = option("global", "with --mask weight: one global threshold or one per layer",
+                               choices=("global", "layerwise"))
+    ratios: tuple[float, ...] = option((0.3, 0.5, 0.7), "pruning ratios, each with its own detector and ticket")
+    window: int = option(5, "epochs of mask distances the detector looks back over")
+    eps: float = option(0.1, "a ticket is drawn once every mask distance in the window is below this")
+    search_bits: int = option(0, "bits of weights, activations and gradients in the search: 0 (full precision) "
+                                 "or 2..16 (the paper: 8)")
+    retrain: tuple[str, ...] = option(RETRAIN_MODES, "retraining modes: continue from the Early-Bird weights and "
+                                                     "optimizer, or reinit for the whole schedule",
+                                      choices=RETRAIN_MODES)
+    epochs_per_call: int = option(10, "epochs per compiled call (a checkpoint after each)")
+
+    def check(self) -> None:
+        """:meth:`ExperimentConfig.check`, then the Early-Bird fields.
+
+        Examples:
+          >>> EarlyBirdConfig(search_bits=1).check()
+          Traceback (most recent call last):
+          ...
+          lottojax.experiments.base.ConfigError: search_bits: 1 must be 0 (full precision) or 2..16
+        """
+        super().check()
+        for name in ("epochs", "epochs_per_call", "window"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"{getattr(self, name)} must be >= 1")
+        if not self.ratios or not all(0 < r < 1 for r in self.ratios):
+            raise ConfigError("ratios", f"{self.ratios} must be fractions in (0, 1)")
+        if self.search_bits not in (0, *range(2, 17)):
+            raise ConfigError("search_bits", f"{self.search_bits} must be 0 (full precision) or 2..16")
+        if self.penalty < 0:
+            raise ConfigError("penalty", f"{self.penalty} must be >= 0")
 
 
-def _check(config: EarlyBirdConfig) -> None:
-    if config.mask not in MASKS:
-        raise ValueError(f"mask={config.mask!r}: use one of {MASKS}")
-    if config.weight_scope not in ("global", "layerwise"):
-        raise ValueError(f"weight_scope={config.weight_scope!r}: use 'global' or 'layerwise'")
-    unknown = set(config.retrain) - set(RETRAIN_MODES)
-    if unknown:
-        raise ValueError(f"retrain={config.retrain}: {sorted(unknown)} unknown; use any of {RETRAIN_MODES}")
-    if config.search_bits not in (0,) + tuple(range(2, 17)):
-        raise ValueError(f"search_bits={config.search_bits}: 0 (full precision) or 2..16")
-    if not config.ratios or not all(0 < r < 1 for r in config.ratios):
-        raise ValueError(f"ratios={config.ratios} must be fractions in (0, 1)")
-    if config.seeds < 1 or config.epochs < 1 or config.epochs_per_call < 1:
-        raise ValueError("seeds, epochs and epochs_per_call must be >= 1")
-    resolve_strategy(config.seed_strategy)
-    seed_mesh(config.devices)
-    _model_kwargs(config)
-
-
-def lr_schedule(config: EarlyBirdConfig, steps_per_epoch: int) -> optax.Schedule:
+def lr_schedule(config: EarlyBirdConfig, steps_per_epoch: int):
     """The paper's piecewise-constant schedule: ``learning_rate``, times ``lr_factor`` at each
-    fraction ``lr_drops`` of the epochs (epochs 80 and 120 of 160 in the paper).
+    fraction ``lr_drops`` of the epochs (epochs 80 and 120 of 160 in the paper);
+    :func:`~lottojax.experiments.base.learning_rate_schedule` over whole epochs.
 
     Examples:
       >>> schedule = lr_schedule(EarlyBirdConfig(epochs=8, learning_rate=1.0), steps_per_epoch=10)
       >>> [round(float(schedule(s)), 4) for s in (0, 39, 40, 59, 60)]
       [1.0, 1.0, 0.1, 0.1, 0.01]
     """
-    boundaries: dict[int, float] = {}
-    for fraction in config.lr_drops:
-        step = int(round(fraction * config.epochs)) * steps_per_epoch
-        boundaries[step] = boundaries.get(step, 1.0) * config.lr_factor
-    return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
+    return learning_rate_schedule(config, config.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
 
 
 def make_eb_optimizer(config: EarlyBirdConfig, steps_per_epoch: int, penalty: float) -> optax.GradientTransformation:
-    """The slimming penalty, then SGD with momentum, L2 weight decay and the schedule, ending in
-    :func:`lottojax.masked_updates` (whatever ``penalty``, the state has the same structure, so
-    a retraining optimizer without the penalty takes over the search's momentum)."""
-    schedule = lr_schedule(config, steps_per_epoch)
-    inner = make_optimizer("momentum", schedule, momentum=config.momentum, weight_decay=config.weight_decay)
+    """The slimming penalty, then the config's optimizer (SGD with momentum and L2 weight
+    decay by default) on :func:`lr_schedule`, ending in :func:`lottojax.masked_updates`
+    (whatever ``penalty``, the state has the same structure, so a retraining optimizer
+    without the penalty takes over the search's momentum)."""
+    inner = make_optimizer(config.optimizer, lr_schedule(config, steps_per_epoch), momentum=config.momentum,
+                           weight_decay=config.weight_decay)
     return optax.chain(slimming_penalty(penalty), inner)
-
-
-def _model_kwargs(config: EarlyBirdConfig) -> dict[str, Any]:
-    if not config.widths:
-        return {}
-    if config.model == "cnn1d":
-        return {"channels": tuple(config.widths)}
-    if config.model.startswith("vgg"):
-        return {"widths": tuple(config.widths)}
-    raise ValueError(f"widths= applies to 'cnn1d' and 'vgg*' models, not {config.model!r}")
 
 
 def _mask_fn(config: EarlyBirdConfig, params):
@@ -161,22 +161,17 @@ def _take(tree, *index):
 
 
 class _Phase:
-    """A chunked, checkpointed run of an epoch loop (resumes after the last saved chunk).
+    """A chunked run of an epoch loop, saved to ``checkpointer`` after every chunk (a killed
+    run resumes after the last saved chunk).
 
     ``make_initial()`` builds the starting state; a resumed run restores into its shapes and
     shardings.
     """
 
-    def __init__(self, directory: str, loop: EpochLoop, make_initial: Callable[[], EpochLoopState]):
-        import orbax.checkpoint as ocp
-
+    def __init__(self, checkpointer: Checkpointer, loop: EpochLoop, make_initial: Callable[[], EpochLoopState]):
         self.loop = loop
-        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
-        self.carry = {"state": make_initial(), "seconds": np.float64(0.0)}
-        if self.manager.latest_step() is not None:
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.carry)
-            self.carry = self.manager.restore(self.manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+        self.checkpointer = checkpointer
+        self.carry = checkpointer.restore({"state": make_initial(), "seconds": np.float64(0.0)})[1]
 
     def finished(self, num_epochs: int) -> bool:
         state = self.carry["state"]
@@ -185,8 +180,6 @@ class _Phase:
     def run(self, data, keys, *, num_epochs: int, chunk: int, seeds: int) -> tuple[EpochLoopState, float]:
         """Trains to ``num_epochs`` in chunks; returns the first ``seeds`` seeds' final state
         (host arrays) and the wall time."""
-        import orbax.checkpoint as ocp
-
         if not self.finished(num_epochs):
             state = self.carry["state"]
             compiled = jax.jit(self.loop.run).lower(state, data, keys, jnp.int32(0)).compile()
@@ -195,116 +188,114 @@ class _Phase:
                 start = time.perf_counter()
                 state = jax.block_until_ready(compiled(state, data, keys, until))
                 self.carry = {"state": state, "seconds": np.float64(self.carry["seconds"] + time.perf_counter() - start)}
-                self.manager.save(int(state.epoch), args=ocp.args.StandardSave(self.carry))
-                self.manager.wait_until_finished()
+                self.checkpointer.save(int(state.epoch), self.carry)
         state = gather(self.carry["state"])
         own = lambda tree: jax.tree.map(lambda x: x[:seeds], tree)  # drops the padding seeds
         state = state._replace(**{name: own(v) for name, v in state._asdict().items() if name != "epoch"})
         return state, float(self.carry["seconds"])
 
 
-def _stats(values) -> dict:
-    values = np.asarray(values, np.float64)
-    if values.size == 0:
-        return {"mean": None, "std": None, "per_seed": []}
-    return {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
-
-
 def run_early_bird(config: EarlyBirdConfig, root: str = "runs", *, progress: bool = True) -> tuple[dict, str]:
     """Runs (or resumes) the experiment; returns the summary (as in ``results.json``) and the
-    run directory."""
-    from lottojax.models import create
+    run directory.
+
+    Examples:
+      >>> import tempfile
+      >>> config = EarlyBirdConfig(seeds=(0,), epochs=3, ratios=(0.5,), window=2)
+      >>> summary, workdir = run_early_bird(config, tempfile.mkdtemp(), progress=False)  # doctest: +SKIP
+    """
     from lottojax.quantize import low_precision
 
-    _check(config)
-    workdir = run_directory(root, "early_bird", config)
-    checkpoints = os.path.join(workdir, "checkpoint")
+    config.check()
     say = print if progress else (lambda *a, **k: None)
-    data = load_dataset(config.dataset, data_dir=config.data_dir, validation=config.validation)
-    data = put_seeded(data, config.devices, stacked=False)
-    steps_per_epoch = data.x_train.shape[0] // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size={config.batch_size} exceeds the {data.x_train.shape[0]} training examples")
-    model_kwargs = dict(input_shape=data.input_shape, num_classes=data.num_classes, **_model_kwargs(config))
-    model = create(config.model, **model_kwargs)
-    trainer_for = lambda m, penalty: make_trainer(
-        m, make_eb_optimizer(config, steps_per_epoch, penalty), batch_size=config.batch_size, eval_every=steps_per_epoch
-    )
-    trainer = trainer_for(model, config.penalty)
-    search_model = low_precision(model, bits=config.search_bits) if config.search_bits else model
-    search_trainer = trainer_for(search_model, config.penalty)
+    with open_run(root, "early_bird", config) as workdir:
+        checkpoints = os.path.join(workdir, "checkpoint")
+        phase = lambda name, loop, initial: _Phase(
+            Checkpointer(os.path.join(checkpoints, name), dataclasses.asdict(config)), loop, initial)
+        data = load_dataset(config.dataset, data_dir=config.data_dir, validation=config.validation)
+        setup = build(config, data=put_seeded(data, config.devices, stacked=False))  # the trainers are below
+        data, model, steps_per_epoch = setup.data, setup.model, setup.steps_per_epoch
+        trainer_for = lambda m, penalty: make_trainer(
+            m, make_eb_optimizer(config, steps_per_epoch, penalty), batch_size=config.batch_size,
+            eval_every=steps_per_epoch)
+        trainer = trainer_for(model, config.penalty)
+        search_model = low_precision(model, bits=config.search_bits) if config.search_bits else model
+        search_trainer = trainer_for(search_model, config.penalty)
 
-    slots = pad_seeds(range(config.seeds), device_count(config.devices))  # padded to a multiple of the devices
-    seed_keys = jax.vmap(jax.random.key)(jnp.asarray(slots, dtype=jnp.uint32))
-    keys = [jax.vmap(jax.random.fold_in, (0, None))(seed_keys, i) for i in range(3)]
-    init_keys, data_keys, reinit_keys = put_seeded(keys, config.devices, stacked=True)
-    one_params = jax.eval_shape(model.init, init_keys[0])[0]
-    mask_fn = _mask_fn(config, one_params)
-    detection = dict(mask_fn=mask_fn, ratios=config.ratios, window=config.window, eps=config.eps)
-    loop_args = dict(batch_size=config.batch_size, num_epochs=config.epochs,
-                     seed_strategy=config.seed_strategy, devices=config.devices)
+        n = len(config.seeds)
+        slots = pad_seeds(config.seeds, device_count(config.devices))  # padded to a multiple of the devices
+        init_keys, data_keys, reinit_keys = (put_seeded(seed_keys(slots, s), config.devices, stacked=True)
+                                             for s in ("init", "data", "control"))
+        one_params = jax.eval_shape(model.init, init_keys[0])[0]
+        mask_fn = _mask_fn(config, one_params)
+        detection = dict(mask_fn=mask_fn, ratios=config.ratios, window=config.window, eps=config.eps)
+        loop_args = dict(batch_size=config.batch_size, num_epochs=config.epochs,
+                         seed_strategy=config.seed_strategy, devices=config.devices)
 
-    # 1. The dense baseline, with the masks of every epoch (heatmap) and its own detections.
-    dense_loop = make_epoch_loop(trainer, **loop_args, **detection, record_masks=True, evaluate=True)
-    init_states = functools.cache(lambda: jax.jit(jax.vmap(trainer.init))(init_keys))  # shared by both phases
-    initial = lambda: jax.jit(dense_loop.init)(init_states())
-    say(f"[1/3] dense baseline: {config.seeds} seeds x {config.epochs} epochs")
-    dense, dense_seconds = _Phase(os.path.join(checkpoints, "dense"), dense_loop, initial).run(
-        data, data_keys, num_epochs=config.epochs, chunk=config.epochs_per_call, seeds=config.seeds)
+        # 1. The dense baseline, with the masks of every epoch (heatmap) and its own detections.
+        dense_loop = make_epoch_loop(trainer, **loop_args, **detection, record_masks=True, evaluate=True)
+        init_states = functools.cache(lambda: jax.jit(jax.vmap(trainer.init))(init_keys))  # shared by both phases
+        initial = lambda: jax.jit(dense_loop.init)(init_states())
+        say(f"[1/3] dense baseline: {n} seeds x {config.epochs} epochs")
+        dense, dense_seconds = phase("dense", dense_loop, initial).run(
+            data, data_keys, num_epochs=config.epochs, chunk=config.epochs_per_call, seeds=n)
 
-    # 2. The Early-Bird search: stops each seed when all its ratios have fired.
-    search_loop = make_epoch_loop(search_trainer, **loop_args, **detection, stop_at_eb=True, evaluate=False)
-    if config.search_bits:
-        initial = lambda: jax.jit(lambda k: search_loop.init(jax.vmap(search_trainer.init)(k)))(init_keys)
-    else:
-        initial = lambda: jax.jit(search_loop.init)(init_states())
-    say(f"[2/3] Early-Bird search{f' ({config.search_bits}-bit)' if config.search_bits else ''}")
-    search, search_seconds = _Phase(os.path.join(checkpoints, "search"), search_loop, initial).run(
-        data, data_keys, num_epochs=config.epochs, chunk=config.epochs_per_call, seeds=config.seeds)
+        # 2. The Early-Bird search: stops each seed when all its ratios have fired.
+        search_loop = make_epoch_loop(search_trainer, **loop_args, **detection, stop_at_eb=True, evaluate=False)
+        if config.search_bits:
+            initial = lambda: jax.jit(lambda k: search_loop.init(jax.vmap(search_trainer.init)(k)))(init_keys)
+        else:
+            initial = lambda: jax.jit(search_loop.init)(init_states())
+        say(f"[2/3] Early-Bird search{f' ({config.search_bits}-bit)' if config.search_bits else ''}")
+        search, search_seconds = phase("search", search_loop, initial).run(
+            data, data_keys, num_epochs=config.epochs, chunk=config.epochs_per_call, seeds=n)
 
-    # 3. Retrain every ticket; time its training step side by side with the dense one.
-    dense_step = functools.cache(lambda: compiled_step(trainer, _take(jax.device_get(dense.train), 0), data, config.batch_size))
-    retrain_path = os.path.join(checkpoints, "retrain.json")
-    retrained = json.load(open(retrain_path)) if os.path.exists(retrain_path) else {}
-    eb_epochs = np.asarray(search.detector.epoch)  # (seeds, ratios)
-    tickets = jax.device_get(search.ticket)
-    say(f"[3/3] retraining {int((eb_epochs >= 0).sum())} tickets x {len(config.retrain)} modes")
-    for r, ratio in enumerate(config.ratios):
-        for s in range(config.seeds):
-            key = f"{ratio}/{s}"
-            if eb_epochs[s, r] < 0 or all(f"{key}/{m}" in retrained for m in config.retrain):
-                continue
-            ticket = _take(tickets, s, r)
-            if config.search_bits:  # the ticket is retrained in full precision
-                ticket = ticket._replace(model_state=ticket.model_state.model_state)
-            runs = _retrain_ticket(config, ticket, int(eb_epochs[s, r]), ratio, data, data_keys[s], reinit_keys[s],
-                                   model_kwargs, steps_per_epoch, mask_fn, dense_step()[1])
-            retrained.update({f"{key}/{mode}": run for mode, run in runs.items()})
-            write_json(retrain_path, retrained)
-            outcome = ", ".join(f"{m} {100 * v['test_accuracy']:.2f}%" for m, v in runs.items() if "test_accuracy" in v)
-            say(f"  ratio {ratio} seed {s}: EB epoch {int(eb_epochs[s, r])}, " + (outcome or "collapsed"))
+        # 3. Retrain every ticket; time its training step side by side with the dense one.
+        dense_step = functools.cache(
+            lambda: compiled_step(trainer, _take(jax.device_get(dense.train), 0), data, config.batch_size))
+        retrain_path = os.path.join(checkpoints, "retrain.json")
+        retrained = json.load(open(retrain_path)) if os.path.exists(retrain_path) else {}
+        eb_epochs = np.asarray(search.detector.epoch)  # (seeds, ratios)
+        tickets = jax.device_get(search.ticket)
+        say(f"[3/3] retraining {int((eb_epochs >= 0).sum())} tickets x {len(config.retrain)} modes")
+        for r, ratio in enumerate(config.ratios):
+            for s, seed in enumerate(config.seeds):
+                key = f"{ratio}/{seed}"
+                if eb_epochs[s, r] < 0 or all(f"{key}/{m}" in retrained for m in config.retrain):
+                    continue
+                ticket = _take(tickets, s, r)
+                if config.search_bits:  # the ticket is retrained in full precision
+                    ticket = ticket._replace(model_state=ticket.model_state.model_state)
+                runs = _retrain_ticket(config, ticket, int(eb_epochs[s, r]), ratio, data, data_keys[s],
+                                       reinit_keys[s], model, steps_per_epoch, mask_fn, dense_step()[1])
+                retrained.update({f"{key}/{mode}": run for mode, run in runs.items()})
+                write_json(retrain_path, retrained)
+                outcome = ", ".join(f"{m} {100 * v['test_accuracy']:.2f}%" for m, v in runs.items() if "test_accuracy" in v)
+                say(f"  ratio {ratio} seed {seed}: EB epoch {int(eb_epochs[s, r])}, " + (outcome or "collapsed"))
 
-    costs_path = os.path.join(checkpoints, "costs.json")
-    if not os.path.exists(costs_path):
-        write_json(costs_path, dict(step_flops=dense_step()[0], detection_flops=detection_flops(search_loop, search)))
-    costs = json.load(open(costs_path))
+        costs_path = os.path.join(checkpoints, "costs.json")
+        if not os.path.exists(costs_path):
+            write_json(costs_path, dict(step_flops=dense_step()[0], detection_flops=detection_flops(search_loop, search)))
+        costs = json.load(open(costs_path))
     summary = _summarise(config, dense, search, retrained, steps_per_epoch, costs, dense_seconds, search_seconds)
-    write_json(os.path.join(workdir, "results.json"), summary)
-    distances = _distance_matrices(dense)
-    np.savez(
-        os.path.join(workdir, "results.npz"),
-        ratios=np.array(config.ratios), eb_epoch=eb_epochs, dense_eb_epoch=np.asarray(dense.detector.epoch),
-        search_stopped=np.asarray(search.stopped), distance_matrix=distances,
-        **{f"dense_{k}": np.asarray(v) for k, v in dense.record._asdict().items()},
-    )
-    plot_heatmap(distances[0], config.ratios, np.asarray(dense.detector.epoch)[0],
-                 os.path.join(workdir, "heatmap.png"),
-                 title=f"mask distances between epochs, {config.model} on {config.dataset} (seed 0)")
+    if jax.process_index() == 0:
+        _write(config, summary, dense, search, workdir)
     return summary, workdir
 
 
+def _write(config: EarlyBirdConfig, summary: dict, dense: EpochLoopState, search: EpochLoopState, workdir: str) -> None:
+    distances = _distance_matrices(dense)
+    write_results(workdir, summary, dict(
+        ratios=np.array(config.ratios), eb_epoch=np.asarray(search.detector.epoch),
+        dense_eb_epoch=np.asarray(dense.detector.epoch), search_stopped=np.asarray(search.stopped),
+        distance_matrix=distances, **{f"dense_{k}": np.asarray(v) for k, v in dense.record._asdict().items()},
+    ))
+    plot_heatmap(distances[0], config.ratios, np.asarray(dense.detector.epoch)[0], os.path.join(workdir, "heatmap.png"),
+                 title=f"mask distances between epochs, {config.model} on {config.dataset} (seed {config.seeds[0]})")
+
+
 def _retrain_ticket(config, ticket: TrainState, eb_epoch: int, ratio: float, data, data_key, reinit_key,
-                    model_kwargs, steps_per_epoch: int, mask_fn, dense_step) -> dict[str, dict]:
+                    model, steps_per_epoch: int, mask_fn, dense_step) -> dict[str, dict]:
     """Retrains one ticket in each mode; returns per mode the accuracy, and the FLOPs and time
     of one training step of the ticket and (measured alongside) of the dense network."""
     from lottojax.models import create
@@ -319,12 +310,12 @@ def _retrain_ticket(config, ticket: TrainState, eb_epoch: int, ratio: float, dat
     widths: dict[str, list] = {}
     if config.mask == "channel":
         plan = channel_plan(config.model, mask, ticket.params)
-        model = create(config.model, **{**model_kwargs, **plan.model_kwargs})
+        model = create(config.model, input_shape=data.input_shape, num_classes=data.num_classes,
+                       **{**model_kwargs(config), **plan.model_kwargs})
         trainer = make_trainer(model, optimizer, batch_size=config.batch_size, eval_every=steps_per_epoch)
         starts = {"continue": jax.jit(functools.partial(shrink_train_state, plan))(ticket), "reinit": jax.jit(trainer.init)(reinit_key)}
         widths = {k: list(v) for k, v in plan.model_kwargs.items()}
     else:
-        model = create(config.model, **model_kwargs)
         trainer = make_trainer(model, optimizer, batch_size=config.batch_size, eval_every=steps_per_epoch)
         prune = prune_global if config.weight_scope == "global" else prune_layerwise
         full = jax.jit(lambda p: prune(magnitude(p), ones_like(p), ratio))(ticket.params)
@@ -376,7 +367,7 @@ def _summarise(config, dense, search, retrained, steps_per_epoch, costs, dense_s
         "config": dataclasses.asdict(config),
         "steps_per_epoch": steps_per_epoch,
         "dense": {
-            "test_accuracy": _stats(dense_acc),
+            "test_accuracy": stats(dense_acc),
             "train_flops": dense_flops,
             "step_flops": costs["step_flops"],
             "wall_seconds_all_seeds": dense_seconds,
@@ -396,12 +387,12 @@ def _summarise(config, dense, search, retrained, steps_per_epoch, costs, dense_s
         row = {
             "eb_epoch": eb[:, r].tolist(),
             "eb_epoch_dense_run": dense_eb[:, r].tolist(),
-            "eb_fraction_of_training": _stats(eb[found, r] / T),
+            "eb_fraction_of_training": stats(eb[found, r] / T),
             "found": int(found.sum()),
             "modes": {},
         }
         for mode in config.retrain:
-            drawn = [retrained[f"{ratio}/{s}/{mode}"] for s in range(config.seeds) if f"{ratio}/{s}/{mode}" in retrained]
+            drawn = [retrained[f"{ratio}/{s}/{mode}"] for s in config.seeds if f"{ratio}/{s}/{mode}" in retrained]
             runs = [run for run in drawn if not run.get("collapsed")]
             if not runs:
                 row["modes"][mode] = {"collapsed": len(drawn)}
@@ -414,15 +405,15 @@ def _summarise(config, dense, search, retrained, steps_per_epoch, costs, dense_s
             acc = [run["test_accuracy"] for run in runs]
             row["modes"][mode] = {
                 "collapsed": len(drawn) - len(runs),
-                "test_accuracy": _stats(acc),
+                "test_accuracy": stats(acc),
                 "accuracy_minus_dense": float(np.mean(acc) - dense_acc.mean()),
-                "kept_fraction": _stats([run["kept_fraction"] for run in runs]),
-                "train_flops": _stats(flops),
+                "kept_fraction": stats([run["kept_fraction"] for run in runs]),
+                "train_flops": stats(flops),
                 "flops_saving": float(dense_flops / np.mean(flops)),
-                "train_seconds": _stats(seconds),
+                "train_seconds": stats(seconds),
                 "time_saving": float(np.mean(dense_time) / np.mean(seconds)),
-                "step_time_ratio": _stats([run["step_seconds"] / run["dense_step_seconds"] for run in runs]),
-                "retrain_wall_seconds": _stats([run["seconds"] for run in runs]),
+                "step_time_ratio": stats([run["step_seconds"] / run["dense_step_seconds"] for run in runs]),
+                "retrain_wall_seconds": stats([run["seconds"] for run in runs]),
                 "widths": [run["widths"] for run in runs],
             }
         summary["ratios"][str(ratio)] = row
@@ -435,9 +426,9 @@ def eb_table(summary: dict) -> str:
     savings against dense training; tickets that pruned a whole layer are counted as collapsed.
 
     Examples:
-      >>> s = {'config': {'epochs': 30}, 'dense': {'test_accuracy': {'mean': .9, 'std': .01}},
+      >>> s = {'config': {'epochs': 30}, 'dense': {'test_accuracy': stats([.89, .91])},
       ...      'ratios': {'0.3': {'eb_epoch': [6, 7], 'found': 2, 'modes': {'continue': {'collapsed': 0,
-      ...          'test_accuracy': {'mean': .905, 'std': .002}, 'flops_saving': 1.5, 'time_saving': 1.2}}},
+      ...          'test_accuracy': stats([.903, .907]), 'flops_saving': 1.5, 'time_saving': 1.2}}},
       ...                 '0.7': {'eb_epoch': [5, -1], 'found': 1, 'modes': {'continue': {'collapsed': 1}}}}}
       >>> print(eb_table(s))
       dense: 90.00 ± 1.00 (30 epochs)
@@ -445,13 +436,12 @@ def eb_table(summary: dict) -> str:
         0.3  6 7 (2/2)          continue  90.50 ± 0.20   1.50x        1.20x
         0.7  5 - (1/2)          continue  1 collapsed (a layer lost all its channels)
     """
-    dense = summary["dense"]["test_accuracy"]
     found = {}
     for ratio, row in summary["ratios"].items():
         epochs = " ".join(str(e) if e >= 0 else "-" for e in row["eb_epoch"])
         found[ratio] = f"{epochs} ({row['found']}/{len(row['eb_epoch'])})"
     width = max(len("EB epochs (found)"), *(len(f) for f in found.values()))
-    lines = [f"dense: {100 * dense['mean']:.2f} ± {100 * dense['std']:.2f} ({summary['config']['epochs']} epochs)",
+    lines = [f"dense: {mean_std(summary['dense']['test_accuracy']['per_seed'])} ({summary['config']['epochs']} epochs)",
              f"{'ratio':>5}  {'EB epochs (found)':<{width}}  {'mode':<8}  {'accuracy':<13}  {'FLOPs saved':<11}  time saved"]
     for ratio, row in summary["ratios"].items():
         epochs = found[ratio]
@@ -461,7 +451,7 @@ def eb_table(summary: dict) -> str:
             if "test_accuracy" not in m:
                 lines.append(f"{ratio:>5}  {epochs:<{width}}  {mode:<8}  {m['collapsed']} collapsed (a layer lost all its channels)")
             else:
-                acc = f"{100 * m['test_accuracy']['mean']:.2f} ± {100 * m['test_accuracy']['std']:.2f}"
+                acc = mean_std(m["test_accuracy"]["per_seed"])
                 note = f"  ({m['collapsed']} collapsed)" if m["collapsed"] else ""
                 lines.append(f"{ratio:>5}  {epochs:<{width}}  {mode:<8}  {acc:<13}  {m['flops_saving']:.2f}x{'':<6}  "
                              f"{m['time_saving']:.2f}x{note}")
@@ -473,14 +463,9 @@ def plot_heatmap(matrices: np.ndarray, ratios, eb_epochs, path: str, *, title: s
     """Saves the paper's figure: one epoch x epoch mask-distance heatmap per pruning ratio,
     with the Early-Bird epoch marked (``matrices``: ``(ratios, epochs, epochs)``; row ``i`` is
     the mask after epoch ``i + 1``)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(ratios), figsize=(4.2 * len(ratios), 3.8), squeeze=False)
+    fig, axes = figure(len(ratios), width=4.2, height=3.8)
     epochs = matrices.shape[-1]
-    for ax, matrix, ratio, eb in zip(axes[0], matrices, ratios, eb_epochs):
+    for ax, matrix, ratio, eb in zip(axes, matrices, ratios, eb_epochs):
         image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=max(float(matrices.max()), 1e-6),
                           origin="upper", extent=(0.5, epochs + 0.5, epochs + 0.5, 0.5))
         if eb > 0:
@@ -490,8 +475,4 @@ def plot_heatmap(matrices: np.ndarray, ratios, eb_epochs, path: str, *, title: s
         ax.set_xlabel("epoch")
         ax.set_ylabel("epoch")
         fig.colorbar(image, ax=ax, fraction=0.046)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, title=title)

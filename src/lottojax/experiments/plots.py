@@ -6,15 +6,16 @@ import os
 import numpy as np
 
 
-def figure(ncols: int = 1, *, width: float = 5.5, height: float = 4.2):
-    """A headless matplotlib figure with ``ncols`` axes in one row: ``(fig, axes)``."""
+def figure(ncols: int = 1, *, nrows: int = 1, width: float = 5.5, height: float = 4.2):
+    """A headless matplotlib figure with ``nrows`` rows of ``ncols`` axes, each
+    ``width`` x ``height`` inches: ``(fig, axes)``, the axes in one flat array, row by row."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
-    return fig, axes[0]
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    return fig, axes.ravel()
 
 
 def density_axis(ax, density_percent) -> None:

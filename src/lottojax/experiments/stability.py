@@ -10,12 +10,13 @@ it the same way. For each ``k`` in ``config.rewind_steps``, for all seeds at onc
    ``m_k ⊙ θ_k``: two copies of each trained from step ``k`` to ``num_steps`` with the
    same two data orders, and the test error along the segment between them
    (:func:`lottojax.stability.instability`, BatchNorm statistics recomputed at each
-   point). Both networks of all seeds, both copies each, train in one vmapped program.
+   point). Both networks of all seeds, both copies each, train in one compiled program
+   (the seeds by ``config.seed_strategy``, split across ``config.devices``).
    ``θ_k`` is IMP's rewind point; the copies' data orders come from the ``copies``
    key stream (:data:`lottojax.seeds.KEY_STREAMS`), which IMP does not use.
 
 It writes into ``<root>/stability-<config hash>/``: ``config.json``, ``results.json``
-(per ``k``: mean, std and per-seed values), ``results.npz`` (every array, the curves
+(per ``k``: mean, std, n and per-seed values), ``results.npz`` (every array, the curves
 along the path included), ``stability.png`` and ``checkpoint/`` plus ``imp-k<k>/``
 (a killed run resumes at the last finished ``k``, and inside it at the last IMP level).
 """
@@ -25,26 +26,24 @@ import dataclasses
 import os
 import time
 from functools import partial
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lottojax.experiment import load_dataset, make_optimizer, run_directory, write_json
 from lottojax.checkpoint import Checkpointer
-from lottojax.imp import CONTROLS, run_imp
-from lottojax.seeds import seed_keys
+from lottojax.experiments.base import ConfigError, ExperimentConfig, Setup, build, load_dataset, option, override
+from lottojax.experiments.plots import density_axis, figure, save
+from lottojax.experiments.store import mean_std, open_run, stats, write_results
+from lottojax.imp import ARMS, CONTROLS, run_imp
 from lottojax.masks import ones_like
+from lottojax.seeds import device_count, gather, map_seeds, pad_seeds, put_seeded, seed_keys
 from lottojax.stability import instability, recompute_batch_stats
-
-#: ``config.widths`` is passed to the model under this keyword.
-WIDTH_ARGUMENT = {"mlp": "hidden", "lenet300100": "hidden", "cnn1d": "channels", "conv2": "conv_widths",
-                  "conv4": "conv_widths", "conv6": "conv_widths"}
 
 
 @dataclasses.dataclass(frozen=True)
-class StabilityConfig:
+class StabilityConfig(ExperimentConfig):
     """Everything that defines a run; the defaults are the MNIST-1D MLP with Adam.
 
     The MLP 40-300-100-10 is the LeNet-300-100 of Frankle & Carbin scaled to MNIST-1D
@@ -53,27 +52,39 @@ class StabilityConfig:
     ``0.47 ** 4 = 4.9%`` density at a fifth of the cost of 14 rounds at 20%.
     """
 
-    model: str = "mlp"
-    widths: tuple[int, ...] = (300, 100)  # hidden sizes (mlp), channels (cnn1d), conv widths (conv*)
-    dataset: str = "mnist1d"
-    data_dir: Optional[str] = None
-    validation: Optional[int] = None  # None: the loader's default (500 for MNIST-1D)
-    optimizer: str = "adam"
-    learning_rate: float = 1.2e-3
-    lr_drops: tuple[float, ...] = ()  # fractions of num_steps where the learning rate is multiplied by 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 60
-    num_steps: int = 1500
-    eval_every: int = 100
-    rewind_steps: tuple[int, ...] = (0, 5, 25)
-    seeds: int = 5
-    num_points: int = 30
-    rounds: int = 4
-    prune_rate: float = 0.53  # global, per round
-    prune_output: bool = True  # False: the output layer stays dense (OpenLTH's ResNet/VGG setting)
-    controls: tuple[str, ...] = CONTROLS
-    stats_batches: int = 16  # BatchNorm statistics at each point: this many training batches
+    num_steps: int = override(ExperimentConfig, "num_steps", 1500)
+    rewind_steps: tuple[int, ...] = option((0, 5, 25), "rewind steps k: IMP rewinds to θ_k and the copies train "
+                                                       "from θ_k (distinct, in [0, num_steps))")
+    num_points: int = option(30, "points on the linear path between the two copies (the error barrier's)")
+    rounds: int = option(4, "IMP pruning rounds at each k")
+    prune_rate: float = option(0.53, "global pruning rate of IMP per round")
+    prune_output: bool = option(True, "prune the output layer too (--no-prune-output: it stays dense, as in "
+                                      "OpenLTH's ResNet/VGG setting)")
+    controls: tuple[str, ...] = option(CONTROLS, "IMP control arms trained at every level",
+                                       choices=tuple(a for a in ARMS if a != "ticket"))
+    stats_batches: int = option(16, "training batches over which BatchNorm statistics are recomputed at each "
+                                    "point of the path")
+
+    def check(self) -> None:
+        """:meth:`ExperimentConfig.check`, then the sweep's own fields.
+
+        Examples:
+          >>> StabilityConfig(rewind_steps=(0, 1500)).check()
+          Traceback (most recent call last):
+          ...
+          lottojax.experiments.base.ConfigError: rewind_steps: (0, 1500) must be distinct steps in [0, num_steps=1500)
+        """
+        super().check()
+        ks = self.rewind_steps
+        if not ks or len(set(ks)) != len(ks) or not all(0 <= k < self.num_steps for k in ks):
+            raise ConfigError("rewind_steps", f"{ks} must be distinct steps in [0, num_steps={self.num_steps})")
+        for name in ("rounds", "stats_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"{getattr(self, name)} must be >= 1")
+        if self.num_points < 2:
+            raise ConfigError("num_points", f"{self.num_points} must be >= 2 (the path's two ends)")
+        if not 0 < self.prune_rate < 1:
+            raise ConfigError("prune_rate", f"{self.prune_rate} must be in (0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +99,14 @@ class CNN1DStabilityConfig(StabilityConfig):
     control starts a fresh optimizer at step ``k``, so its drops come ``k`` steps later.
     """
 
-    model: str = "cnn1d"
-    widths: tuple[int, ...] = (32, 32, 32)
-    optimizer: str = "momentum"
-    learning_rate: float = 0.2
-    lr_drops: tuple[float, ...] = (0.5, 0.75)
-    batch_size: int = 128
-    num_steps: int = 800
-    prune_output: bool = False
+    model: str = override(StabilityConfig, "model", "cnn1d")
+    widths: tuple[int, ...] = override(StabilityConfig, "widths", (32, 32, 32))
+    optimizer: str = override(StabilityConfig, "optimizer", "momentum")
+    learning_rate: float = override(StabilityConfig, "learning_rate", 0.2)
+    lr_drops: tuple[float, ...] = override(StabilityConfig, "lr_drops", (0.5, 0.75))
+    batch_size: int = override(StabilityConfig, "batch_size", 128)
+    num_steps: int = override(StabilityConfig, "num_steps", 800)
+    prune_output: bool = override(StabilityConfig, "prune_output", False)
 
 
 #: ``--net`` name -> config class whose defaults are that net's setting.
@@ -142,43 +153,6 @@ class StabilityResult(NamedTuple):
     seconds: np.ndarray
 
 
-def _check(config: StabilityConfig) -> None:
-    bad = [k for k in config.rewind_steps if not 0 <= k < config.num_steps]
-    if bad or not config.rewind_steps or len(set(config.rewind_steps)) != len(config.rewind_steps):
-        raise ValueError(f"rewind_steps={config.rewind_steps} must be distinct steps in [0, num_steps={config.num_steps})")
-    if config.widths and config.model not in WIDTH_ARGUMENT:
-        raise ValueError(f"widths={config.widths} is not supported for model={config.model!r}; pass --widths "
-                         f"with no value (the model's defaults) or use one of {sorted(WIDTH_ARGUMENT)}")
-    if any(not 0 < f < 1 for f in config.lr_drops) or len(set(config.lr_drops)) != len(config.lr_drops):
-        raise ValueError(f"lr_drops={config.lr_drops} must be distinct fractions of training in (0, 1)")
-    if config.seeds < 1 or config.rounds < 1 or config.stats_batches < 1:
-        raise ValueError(f"seeds={config.seeds}, rounds={config.rounds} and stats_batches={config.stats_batches} "
-                         "must be positive")
-
-
-def _model(config: StabilityConfig, data):
-    from lottojax.models import create
-
-    kwargs = {WIDTH_ARGUMENT[config.model]: tuple(config.widths)} if config.widths else {}
-    return create(config.model, input_shape=data.input_shape, num_classes=data.num_classes, **kwargs)
-
-
-def _learning_rate(config: StabilityConfig):
-    """A float, or a step schedule dividing by 10 at each of ``config.lr_drops``.
-
-    Examples:
-      >>> schedule = _learning_rate(StabilityConfig(learning_rate=0.2, lr_drops=(0.5, 0.75), num_steps=800))
-      >>> [round(float(schedule(step)), 4) for step in (0, 399, 400, 599, 600)]
-      [0.2, 0.2, 0.02, 0.02, 0.002]
-    """
-    if not config.lr_drops:
-        return config.learning_rate
-    import optax
-
-    boundaries = {int(round(f * config.num_steps)): 0.1 for f in config.lr_drops}
-    return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
-
-
 def _prunable(config: StabilityConfig):
     if config.prune_output:
         return None
@@ -193,44 +167,55 @@ def _recompute(model, data, config: StabilityConfig):
         return None
     count = config.stats_batches * config.batch_size
     if count > len(data.x_train):
-        raise ValueError(f"stats_batches * batch_size = {count} exceeds the {len(data.x_train)} training examples")
-    batches = data.x_train[:count].reshape(config.stats_batches, config.batch_size, *data.input_shape)
+        raise ConfigError("stats_batches", f"stats_batches * batch_size = {count} exceeds the "
+                                           f"{len(data.x_train)} training examples")
+    batches = np.asarray(data.x_train[:count]).reshape(config.stats_batches, config.batch_size, *data.input_shape)
     return partial(recompute_batch_stats, model, batches=jnp.asarray(batches))
 
 
-def _instability_program(trainer, *, start: int, num_steps: int, num_points: int, recompute):
-    """Jitted ``(θ_k (S,), copy keys (S,), masks (S, 2), data) -> LinearPath (S, 2, ...)``:
-    the dense and the sparse network of every seed, two copies each, in one vmap."""
+def _instability_program(config: StabilityConfig, setup: Setup, k: int):
+    """Jitted ``(θ_k, copy keys, ticket masks, data) -> LinearPath`` with leaves
+    ``(seeds, 2, ...)``: per seed the dense network and its IMP subnetwork, two copies each."""
 
-    def one(state, key, mask, data):
-        return instability(trainer, state, data, key=key, start=start, num_steps=num_steps, mask=mask,
-                           num_points=num_points, recompute_stats=recompute)[0]
+    recompute = _recompute(setup.model, setup.data, config)
 
-    per_seed = jax.vmap(one, in_axes=(None, None, 0, None))
-    return jax.jit(jax.vmap(per_seed, in_axes=(0, 0, 0, None)))
+    def one_seed(state, key, ticket, data):
+        def one_network(mask):
+            return instability(setup.trainer, state, data, key=key, start=k, num_steps=config.num_steps - k,
+                               mask=mask, num_points=config.num_points, recompute_stats=recompute)[0]
+
+        masks = jax.tree.map(lambda dense, sparse: jnp.stack([dense, sparse]), ones_like(state.params), ticket)
+        return jax.vmap(one_network)(masks)
+
+    return jax.jit(map_seeds(one_seed, in_axes=(0, 0, 0, None), strategy=config.seed_strategy,
+                             devices=config.devices))
 
 
-def _states_at(trainer, data, seeds, k: int):
-    init_keys, data_keys = seed_keys(seeds, "init"), seed_keys(seeds, "data")
-    state = jax.jit(jax.vmap(lambda key: trainer.init(key)))(init_keys)
+def _states_at(config: StabilityConfig, setup: Setup, slots, k: int):
+    """``θ_k`` (the full training state) of every seed slot, computed as IMP computes its
+    rewind point."""
+    over_seeds = lambda fn, in_axes: jax.jit(map_seeds(fn, in_axes=in_axes, strategy=config.seed_strategy,
+                                                       devices=config.devices))
+    init_keys, data_keys = (put_seeded(seed_keys(slots, s), config.devices, stacked=True) for s in ("init", "data"))
+    state = over_seeds(setup.trainer.init, (0,))(init_keys)
     if k == 0:
         return state
-    to_k = jax.jit(jax.vmap(partial(trainer.run_steps, start=0, num_steps=k), in_axes=(0, None, 0)))
-    return to_k(state, data, data_keys)[0]
+    return over_seeds(partial(setup.trainer.run_steps, start=0, num_steps=k), (0, None, 0))(state, setup.data, data_keys)[0]
 
 
-def _one_rewind_step(config, trainer, model, data, k: int, workdir: str, progress: bool) -> dict:
-    seeds = tuple(range(config.seeds))
-    imp = run_imp(trainer, data, seeds=seeds, rounds=config.rounds, fraction=config.prune_rate,
+def _one_rewind_step(config: StabilityConfig, setup: Setup, k: int, workdir: str, progress: bool) -> dict:
+    imp = run_imp(setup.trainer, setup.data, seeds=config.seeds, rounds=config.rounds, fraction=config.prune_rate,
                   num_steps=config.num_steps, scope="global", rewind_step=k, controls=config.controls,
-                  prunable=_prunable(config), checkpoint_dir=os.path.join(workdir, f"imp-k{k}"), progress=progress)
-    theta_k = _states_at(trainer, data, seeds, k)
-    masks = jax.tree.map(lambda dense, ticket: jnp.stack([dense, jnp.asarray(ticket)], axis=1),
-                         jax.vmap(ones_like)(theta_k.params), imp.masks[-1])
-    copy_keys = seed_keys(seeds, "copies")
-    program = _instability_program(trainer, start=k, num_steps=config.num_steps - k, num_points=config.num_points,
-                                   recompute=_recompute(model, data, config))
-    path = jax.device_get(program(theta_k, copy_keys, masks, data))
+                  prunable=_prunable(config), seed_strategy=config.seed_strategy, devices=config.devices,
+                  checkpoint_dir=os.path.join(workdir, f"imp-k{k}"), progress=progress)
+    n = len(config.seeds)
+    slots = pad_seeds(config.seeds, device_count(config.devices))  # the padding repeats the last seed
+    owner = np.minimum(np.arange(len(slots)), n - 1)
+    tickets = put_seeded(jax.tree.map(lambda m: m[owner], imp.masks[-1]), config.devices, stacked=True)
+    copy_keys = put_seeded(seed_keys(slots, "copies"), config.devices, stacked=True)
+    program = _instability_program(config, setup, k)
+    path = jax.tree.map(lambda x: x[:n], gather(program(_states_at(config, setup, slots, k), copy_keys, tickets,
+                                                        setup.data)))
     return dict(
         alpha=np.asarray(path.alpha[0, 0]),
         dense_error=path.error[:, 0], dense_loss=path.loss[:, 0], dense_barrier=path.barrier[:, 0],
@@ -243,55 +228,47 @@ def _one_rewind_step(config, trainer, model, data, k: int, workdir: str, progres
 
 def run_stability(config: StabilityConfig, root: str = "runs", *, progress: bool = True) -> tuple[StabilityResult, str]:
     """Runs (or resumes) the sweep over ``config.rewind_steps``; returns the result and the
-    run directory."""
-    from lottojax.train import make_trainer
+    run directory.
 
-    _check(config)
-    workdir = run_directory(root, "stability", config)
-    data = jax.device_put(load_dataset(config.dataset, data_dir=config.data_dir, validation=config.validation))
-    model = _model(config, data)
-    optimizer = make_optimizer(config.optimizer, _learning_rate(config), momentum=config.momentum,
-                               weight_decay=config.weight_decay)
-    trainer = make_trainer(model, optimizer, batch_size=config.batch_size, eval_every=config.eval_every)
-
-    ks = list(config.rewind_steps)
-    checkpoint = Checkpointer(os.path.join(workdir, "checkpoint"), dataclasses.asdict(config))
-    carry = _load(checkpoint)
-    for i, k in enumerate(ks):
-        if carry is not None and i < int(carry["done"]):
-            continue
-        started = time.time()
-        record = _one_rewind_step(config, trainer, model, data, k, workdir, progress)
-        record["seconds"] = np.float64(time.time() - started)
-        if carry is None:
-            carry = {"done": np.array(0, np.int32),
-                     "results": {name: np.zeros((len(ks), *np.shape(v)), np.asarray(v).dtype) for name, v in record.items()}}
-        for name, value in record.items():
-            carry["results"][name][i] = value
-        carry["done"] = np.array(i + 1, np.int32)
-        checkpoint.save(i + 1, carry)
-        if progress:
-            table = stability_table(_as_result(carry, config, i + 1)).splitlines()
-            print(f"k={k} done in {record['seconds']:.0f} s\n{table[0]}\n{table[-1]}", flush=True)
+    Examples:
+      >>> import tempfile
+      >>> config = StabilityConfig(seeds=(0,), rewind_steps=(0,), rounds=1, num_steps=20, num_points=3)
+      >>> result, workdir = run_stability(config, tempfile.mkdtemp(), progress=False)  # doctest: +SKIP
+    """
+    config.check()
+    ks = config.rewind_steps
+    with open_run(root, "stability", config) as workdir:
+        data = load_dataset(config.dataset, data_dir=config.data_dir, validation=config.validation)
+        setup = build(config, data=put_seeded(data, config.devices, stacked=False))
+        checkpoint = Checkpointer(os.path.join(workdir, "checkpoint"), dataclasses.asdict(config))
+        carry = checkpoint.restore()[1]  # numpy arrays as saved, or None before the first k is done
+        for i, k in enumerate(ks):
+            if carry is not None and i < int(carry["done"]):
+                continue
+            started = time.time()
+            record = _one_rewind_step(config, setup, k, workdir, progress)
+            record["seconds"] = np.float64(time.time() - started)
+            if carry is None:
+                carry = {"done": np.array(0, np.int32), "results": {
+                    name: np.zeros((len(ks), *np.shape(v)), np.asarray(v).dtype) for name, v in record.items()}}
+            for name, value in record.items():
+                carry["results"][name][i] = value
+            carry["done"] = np.array(i + 1, np.int32)
+            checkpoint.save(i + 1, carry)
+            if progress:
+                table = stability_table(_as_result(carry, config, i + 1)).splitlines()
+                print(f"k={k} done in {record['seconds']:.0f} s\n{table[0]}\n{table[-1]}", flush=True)
     result = _as_result(carry, config, len(ks))
-    _write(result, config, workdir)
+    if jax.process_index() == 0:
+        _write(result, config, workdir)
     return result, workdir
-
-
-def _load(checkpoint: Checkpointer) -> Optional[dict]:
-    """The saved sweep (numpy arrays), or None before the first ``k`` is done."""
-    return checkpoint.restore()[1]
 
 
 def _as_result(carry: dict, config: StabilityConfig, done: int) -> StabilityResult:
     r = {name: np.asarray(v)[:done] for name, v in carry["results"].items()}
     r["alpha"] = r["alpha"][0]
-    return StabilityResult(rewind_steps=np.asarray(config.rewind_steps[:done]), seeds=np.arange(config.seeds),
+    return StabilityResult(rewind_steps=np.asarray(config.rewind_steps[:done]), seeds=np.asarray(config.seeds),
                            arms=("ticket", *config.controls), **r)
-
-
-def _mean_std(values: np.ndarray) -> str:
-    return f"{100 * values.mean():6.2f} ± {100 * values.std():5.2f}"
 
 
 def stability_table(result: StabilityResult) -> str:
@@ -305,24 +282,21 @@ def stability_table(result: StabilityResult) -> str:
       ...                     b / 2, np.full((1, 2), .05), a, a, np.full((1, 2), .95), z, z, np.zeros(1))
       >>> print(stability_table(r))
           k | dense barrier  | subnet barrier | density | ticket acc     | dense acc
-          0 |  15.00 ±  5.00 |   7.50 ±  2.50 |   5.00% |  90.00 ±  0.00 |  95.00 ±  0.00
+          0 | 15.00 ± 5.00   | 7.50 ± 2.50    |   5.00% | 90.00 ± 0.00   | 95.00 ± 0.00
     """
-    header = ["    k", "dense barrier ", "subnet barrier", "density"] + [f"{arm} acc".ljust(14) for arm in result.arms]
-    lines = [" | ".join(header + ["dense acc"])]
+    cell = lambda values: f"{mean_std(values):<14}"
+    header = ["    k", f"{'dense barrier':<14}", "subnet barrier", "density"]
+    lines = [" | ".join(header + [f"{arm + ' acc':<14}" for arm in result.arms] + ["dense acc"])]
     for i, k in enumerate(result.rewind_steps):
-        cells = [f"{k:>5}", _mean_std(result.dense_barrier[i]), _mean_std(result.sparse_barrier[i]),
+        cells = [f"{k:>5}", cell(result.dense_barrier[i]), cell(result.sparse_barrier[i]),
                  f"{100 * result.density[i].mean():6.2f}%"]
-        cells += [_mean_std(result.imp_accuracy[i, :, a]) for a in range(len(result.arms))]
-        lines.append(" | ".join(cells + [_mean_std(result.dense_accuracy[i])]))
+        cells += [cell(result.imp_accuracy[i, :, a]) for a in range(len(result.arms))]
+        lines.append(" | ".join(cells + [mean_std(result.dense_accuracy[i])]))
     return "\n".join(lines)
 
 
 def stability_summary(result: StabilityResult) -> list[dict]:
-    """One JSON-ready dict per ``k``: mean, std and per-seed values of every measurement."""
-
-    def stats(values):
-        return {"mean": float(values.mean()), "std": float(values.std()), "per_seed": values.tolist()}
-
+    """One JSON-ready dict per ``k``: mean, std, n and per-seed values of every measurement."""
     rows = []
     for i, k in enumerate(result.rewind_steps):
         row = {"rewind_step": int(k), "seconds": float(result.seconds[i])}
@@ -339,15 +313,11 @@ def plot_stability(result: StabilityResult, path: str, *, title: str = "") -> No
     (dense; IMP subnetwork), error barrier vs ``k``, accuracy at the final density vs
     ``k`` for each IMP arm against the dense network, and accuracy vs density at every IMP
     level for each ``k`` (the ticket; the controls)."""
+    fig, axes = figure(3, nrows=2)
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.4))
-    axes = axes.ravel()
     ks = np.asarray(result.rewind_steps)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, errors, name in ((axes[0], result.dense_error, "dense"), (axes[1], result.sparse_error, "IMP subnetwork")):
         for i, k in enumerate(ks):
             mean, std = 100 * errors[i].mean(0), 100 * errors[i].std(0)
@@ -374,33 +344,26 @@ def plot_stability(result: StabilityResult, path: str, *, title: str = "") -> No
         ax.minorticks_off()
         ax.set_xlabel("rewind step k")
     styles = {"ticket": "-", "reinit": "--", "shuffle": ":"}
+    density = 100 * result.level_density.mean(-1)  # (K, L)
     for ax, arms in ((axes[4], ("ticket",)), (axes[5], result.arms[1:])):
         for i, k in enumerate(ks):
             for arm in arms:
                 acc = 100 * result.level_accuracy[i, :, :, result.arms.index(arm)]
-                ax.errorbar(100 * result.level_density[i].mean(1), acc.mean(1), yerr=acc.std(1), capsize=2,
-                            marker="o", markersize=3, color=colors[i % len(colors)], linestyle=styles.get(arm, "-"),
-                            label=f"{arm}, k = {k}")
-        ax.set_xscale("log")
-        ax.invert_xaxis()
-        ax.set_xlabel("weights remaining (%)")
+                ax.errorbar(density[i], acc.mean(1), yerr=acc.std(1), capsize=2, marker="o", markersize=3,
+                            color=colors[i % len(colors)], linestyle=styles.get(arm, "-"), label=f"{arm}, k = {k}")
+        density_axis(ax, density)
         ax.set_ylabel("final test accuracy (%)")
         ax.set_title("IMP " + " and ".join(arms) + " at every level")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, title=title)
 
 
 def _write(result: StabilityResult, config: StabilityConfig, workdir: str) -> None:
-    write_json(os.path.join(workdir, "results.json"),
-               {"config": dataclasses.asdict(config), "rewind_steps": stability_summary(result)})
     arrays = {k: v for k, v in result._asdict().items() if isinstance(v, np.ndarray)}
-    np.savez(os.path.join(workdir, "results.npz"), arms=np.array(result.arms), **arrays)
+    write_results(workdir, {"config": dataclasses.asdict(config), "rewind_steps": stability_summary(result)},
+                  dict(arms=np.array(result.arms), **arrays))
     plot_stability(result, os.path.join(workdir, "stability.png"),
                    title=f"Linear mode connectivity on {config.dataset} ({config.model}, {config.optimizer} "
-                         f"lr {config.learning_rate}, {config.num_steps} steps), {config.seeds} seeds")
+                         f"lr {config.learning_rate}, {config.num_steps} steps), {len(config.seeds)} seeds")
