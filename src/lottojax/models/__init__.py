@@ -4,9 +4,14 @@ Layer names follow one convention, which pruning code relies on to pick per-laye
 convolutions ``conv0, conv1, ...``, hidden dense layers ``fc0, fc1, ...``, BatchNorm
 ``bn0, bn1, ...`` (numbered like the convolution they belong to), the classifier
 ``output``; ResNet blocks are submodules ``stage{s}_block{b}``.
+
+Convolutions go through :class:`Conv`, a drop-in ``flax.linen.Conv`` whose gradient is
+fast inside compiled loops on CPU (``conv_impl='auto'|'native'|'patches'`` on every conv
+net; see :mod:`lottojax.models.convolution`).
 """
 from lottojax.models.cnn1d import CNN1D
 from lottojax.models.conv import ConvNet
+from lottojax.models.convolution import Conv, conv, max_pool
 from lottojax.models.core import Model, from_linen
 from lottojax.models.mlp import MLP
 from lottojax.models.registry import MODEL_NAMES, create
@@ -16,6 +21,7 @@ from lottojax.models.vgg import VGG, VGG_CONFIGS
 __all__ = [
     "BasicBlock",
     "CNN1D",
+    "Conv",
     "ConvNet",
     "MLP",
     "MODEL_NAMES",
@@ -23,6 +29,8 @@ __all__ = [
     "ResNet",
     "VGG",
     "VGG_CONFIGS",
+    "conv",
     "create",
     "from_linen",
+    "max_pool",
 ]

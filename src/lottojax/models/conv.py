@@ -6,6 +6,7 @@ from typing import Sequence
 import jax
 from flax import linen as nn
 
+from lottojax.models.convolution import Conv, max_pool
 from lottojax.models.layers import glorot_normal
 
 
@@ -24,6 +25,9 @@ class ConvNet(nn.Module):
         narrowed by channel pruning.
       fc_widths: widths of the hidden dense layers.
       num_classes: number of logits.
+      conv_impl: how convolutions and max-pools are computed: ``'auto'`` (``'patches'``
+        on CPU, ``'native'`` elsewhere), ``'native'`` or ``'patches'``; the parameters
+        and outputs are the same (see :mod:`lottojax.models.convolution`).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -39,6 +43,7 @@ class ConvNet(nn.Module):
     conv_widths: Sequence[int] = (64, 64)
     fc_widths: Sequence[int] = (256, 256)
     num_classes: int = 10
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -49,11 +54,11 @@ class ConvNet(nn.Module):
                 "max-pool after every second convolution."
             )
         for i, width in enumerate(self.conv_widths):
-            conv = nn.Conv(width, (3, 3), padding="SAME", kernel_init=glorot_normal,
-                           name=f"conv{i}")
+            conv = Conv(width, (3, 3), padding="SAME", kernel_init=glorot_normal,
+                        impl=self.conv_impl, name=f"conv{i}")
             x = nn.relu(conv(x))
             if i % 2 == 1:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool(x, 2, impl=self.conv_impl)
         x = x.reshape((x.shape[0], -1))
         for i, width in enumerate(self.fc_widths):
             x = nn.relu(nn.Dense(width, kernel_init=glorot_normal, name=f"fc{i}")(x))

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from lottojax.models.convolution import Conv
 from lottojax.models.layers import batch_norm, he_normal
 
 
@@ -25,6 +26,7 @@ class BasicBlock(nn.Module):
       pre_activation: the pre-activation block instead of the original one.
       inner_features: output channels of ``conv0`` (the block's inner width, which channel
         pruning can shrink without touching the residual path); ``None``: ``features``.
+      conv_impl: how convolutions are computed (see :class:`lottojax.models.Conv`).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -41,14 +43,15 @@ class BasicBlock(nn.Module):
     strides: int = 1
     pre_activation: bool = False
     inner_features: Optional[int] = None
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Applies the block to NHWC features."""
         def conv(kernel, strides, name, features=self.features):
-            return nn.Conv(
+            return Conv(
                 features, (kernel, kernel), strides=(strides, strides), padding="SAME",
-                use_bias=False, kernel_init=he_normal, name=name,
+                use_bias=False, kernel_init=he_normal, impl=self.conv_impl, name=name,
             )
 
         inner = self.features if self.inner_features is None else self.inner_features
@@ -82,6 +85,9 @@ class ResNet(nn.Module):
       inner_widths: the inner width of every block, in order (stage by stage), e.g. for a
         net narrowed by channel pruning; ``None`` keeps each block's ``features``.
       num_classes: number of logits.
+      conv_impl: how convolutions are computed: ``'auto'`` (``'patches'`` on CPU,
+        ``'native'`` elsewhere), ``'native'`` or ``'patches'``; the parameters and outputs
+        are the same (see :mod:`lottojax.models.convolution`).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -103,6 +109,7 @@ class ResNet(nn.Module):
     pre_activation: bool = False
     inner_widths: Optional[Sequence[int]] = None
     num_classes: int = 10
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -114,9 +121,9 @@ class ResNet(nn.Module):
         if self.inner_widths is not None and len(self.inner_widths) != blocks:
             raise ValueError(f"inner_widths has {len(self.inner_widths)} entries; this ResNet has {blocks} blocks.")
         inner_widths = iter([None] * blocks if self.inner_widths is None else self.inner_widths)
-        x = nn.Conv(
+        x = Conv(
             16 * self.width, (3, 3), padding="SAME", use_bias=False, kernel_init=he_normal,
-            name="conv0",
+            impl=self.conv_impl, name="conv0",
         )(x)
         if not self.pre_activation:
             x = nn.relu(batch_norm(train, "bn0")(x))
@@ -127,6 +134,7 @@ class ResNet(nn.Module):
                     strides=2 if s > 0 and b == 0 else 1,
                     pre_activation=self.pre_activation,
                     inner_features=next(inner_widths),
+                    conv_impl=self.conv_impl,
                     name=f"stage{s}_block{b}",
                 )(x, train)
         if self.pre_activation:

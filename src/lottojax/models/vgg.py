@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from lottojax.models.convolution import Conv, max_pool
 from lottojax.models.layers import batch_norm, he_normal_fan_out
 
 #: Layer configurations by depth: an int is a 3x3 conv-BN-ReLU with that many channels,
@@ -36,6 +37,9 @@ class VGG(nn.Module):
       widths: output channels of each convolution, overriding the configuration's (e.g.
         for a net narrowed by channel pruning); ``None`` keeps the configuration's.
       num_classes: number of logits.
+      conv_impl: how convolutions and max-pools are computed: ``'auto'`` (``'patches'``
+        on CPU, ``'native'`` elsewhere), ``'native'`` or ``'patches'``; the parameters
+        and outputs are the same (see :mod:`lottojax.models.convolution`).
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -49,6 +53,7 @@ class VGG(nn.Module):
     depth: int = 16
     widths: Optional[Sequence[int]] = None
     num_classes: int = 10
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -69,11 +74,11 @@ class VGG(nn.Module):
         i = 0
         for v in config:
             if v == "M":
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool(x, 2, impl=self.conv_impl)
             else:
-                x = nn.Conv(
+                x = Conv(
                     widths[i], (3, 3), padding="SAME", use_bias=False,
-                    kernel_init=he_normal_fan_out, name=f"conv{i}",
+                    kernel_init=he_normal_fan_out, impl=self.conv_impl, name=f"conv{i}",
                 )(x)
                 x = nn.relu(batch_norm(train, f"bn{i}", nn.initializers.constant(0.5))(x))
                 i += 1
