@@ -56,7 +56,9 @@ class IMPResult(NamedTuple):
       masks: one ticket mask per level (the mask trained there; level 0 is dense), leaves
         ``(seeds, *param shape)``. The ``shuffle`` control's mask is its per-layer permutation.
       init_params: ``θ0``, leaves ``(seeds, ...)``.
-      rewind_params: ``θ_k``, the weights every ticket is rewound to (``θ0`` when ``k = 0``).
+      rewind_state: the full training state at ``θ_k`` (params, model and optimizer state,
+        step) every ticket is rewound to (``θ0``'s when ``k = 0``); ``rewind_params`` is its
+        params.
     """
 
     arms: tuple[str, ...]
@@ -68,7 +70,12 @@ class IMPResult(NamedTuple):
     history: History
     masks: tuple = ()
     init_params: Optional[PyTree] = None
-    rewind_params: Optional[PyTree] = None
+    rewind_state: Optional[TrainState] = None
+
+    @property
+    def rewind_params(self) -> PyTree:
+        """``θ_k``: the weights every ticket is rewound to."""
+        return None if self.rewind_state is None else self.rewind_state.params
 
     def ticket(self, level: int, seed_index: Optional[int] = None) -> tuple[PyTree, PyTree]:
         """``(mask, θ_k)`` of the ticket trained at ``level`` (all seeds, or one seed's)."""
@@ -304,7 +311,7 @@ def run_imp(
         to_k = over_seeds(partial(trainer.run_steps, start=0, num_steps=rewind_step), (0, None, 0))
         carry["rewind_state"], _ = to_k(init_state, data, data_keys)
 
-    rewind_params = gather(carry["rewind_state"].params)
+    rewind_state = gather(carry["rewind_state"])
     init_host = gather(init_state.params)
     bar = _progress(levels, len(done), progress)
     for level in range(len(done), levels):
@@ -315,7 +322,7 @@ def run_imp(
             if jax.process_index() == 0:
                 save_arrays(_level_file(checkpoint_dir, level), (done[-1]["mask"], done[-1]["record"]))
             checkpoint.save(level + 1, carry)
-        result = _as_result(done, arms, seeds, init_host, rewind_params)
+        result = _as_result(done, arms, seeds, init_host, rewind_state)
         if bar is not None:
             bar.set_postfix(density=f"{result.density[-1].mean():.3f}", ticket=f"{result.early_stop_accuracy[-1, :, 0].mean():.3f}")
             bar.update()
@@ -323,7 +330,7 @@ def run_imp(
             on_level(level, result)
     if bar is not None:
         bar.close()
-    return _as_result(done[:levels], arms, seeds, init_host, rewind_params)
+    return _as_result(done[:levels], arms, seeds, init_host, rewind_state)
 
 
 def _seeded_params(init_params: PyTree, shapes: PyTree, slots, devices) -> PyTree:
@@ -393,13 +400,13 @@ def saved_masks(checkpoint_dir: str, mask_template: PyTree, levels: int) -> tupl
     return tuple(masks)
 
 
-def _as_result(done: list, arms, seeds, init_params, rewind_params) -> IMPResult:
+def _as_result(done: list, arms, seeds, init_params, rewind_state) -> IMPResult:
     n = len(seeds)
     records = jax.tree.map(lambda *xs: np.stack(xs)[:, :n], *[d["record"] for d in done])
     masks = tuple(jax.tree.map(lambda m: np.asarray(m)[:n], d["mask"]) for d in done)
     cut = lambda tree: jax.tree.map(lambda x: np.asarray(x)[:n], tree)
     return IMPResult(arms=arms, seeds=seeds, history=records.pop("history"), masks=masks,
-                     init_params=cut(init_params), rewind_params=cut(rewind_params), **records)
+                     init_params=cut(init_params), rewind_state=cut(rewind_state), **records)
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -72,7 +72,7 @@ def build_parser(config_cls, *, description: str = "", presets: Optional[dict] =
         choices = [c for c in field.metadata.get("choices") or () if c is not None] or None
         default = field.default
         inner = [a for a in typing.get_args(kind) if a is not type(None)]
-        if field.name == "seeds":
+        if field.name == "seeds" and typing.get_origin(kind) is tuple:
             parser.add_argument(flag, type=parse_seeds, default=None,
                                 help=f"{help_text} (default: {len(default)})")
         elif kind is bool:

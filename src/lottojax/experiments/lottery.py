@@ -7,7 +7,7 @@ and writes into ``<root>/lottery-<config hash>/``:
 
 - ``config.json``; ``results.json`` (per level and arm: mean, std, n and per-seed values);
 - ``results.npz`` (every per-level array, training curves included);
-- ``params.npz`` (``θ0`` and ``θ_k`` of every seed) and ``checkpoint/levels/level-NNNN.npz``
+- ``params.npz`` (``θ0`` and the training state at ``θ_k`` of every seed) and ``checkpoint/levels/level-NNNN.npz``
   (each level's ticket mask and record): :func:`load_lottery` rebuilds the
   :class:`~lottojax.imp.IMPResult`, tickets included, from them;
 - ``lottery.png`` (accuracy and early-stop iteration vs density).
@@ -100,7 +100,7 @@ def _write(config: LotteryConfig, result: IMPResult, workdir: str) -> None:
     arrays.update({f"history_{k}": v for k, v in result.history._asdict().items()})
     write_results(workdir, {"config": dataclasses.asdict(config), "levels": imp_summary(result)},
                   dict(arms=np.array(result.arms), seeds=np.array(result.seeds), **arrays))
-    save_arrays(os.path.join(workdir, "params.npz"), (result.init_params, result.rewind_params))
+    save_arrays(os.path.join(workdir, "params.npz"), (result.init_params, result.rewind_state))
     plot_imp(result, os.path.join(workdir, "lottery.png"),
              title=f"IMP on {config.dataset} ({config.model}), {len(config.seeds)} seeds, "
                    f"rewind to step {config.rewind_step}")
@@ -119,15 +119,16 @@ def load_lottery(workdir: str) -> tuple[LotteryConfig, IMPResult]:
     with np.load(path) as saved:
         arrays = dict(saved)
     history = History(**{k.removeprefix("history_"): v for k, v in arrays.items() if k.startswith("history_")})
-    shapes = jax.eval_shape(build(config).model.init, jax.random.key(0))[0]
-    params = jax.tree.map(lambda s: np.zeros((len(config.seeds), *s.shape), s.dtype), shapes)
-    init_params, rewind_params = load_arrays(os.path.join(workdir, "params.npz"), (params, params))
+    shapes = jax.eval_shape(build(config).trainer.init, jax.random.key(0))
+    state = jax.tree.map(lambda s: np.zeros((len(config.seeds), *s.shape), s.dtype), shapes)
+    init_params, rewind_state = load_arrays(os.path.join(workdir, "params.npz"), (state.params, state))
+    params = state.params
     masks = saved_masks(os.path.join(workdir, "checkpoint"), params, arrays["density"].shape[0])
     masks = tuple(jax.tree.map(lambda m: m[:len(config.seeds)], mask) for mask in masks)
     result = IMPResult(arms=tuple(str(a) for a in arrays["arms"]), seeds=tuple(int(s) for s in arrays["seeds"]),
                        density=arrays["density"], final_accuracy=arrays["final_accuracy"],
                        early_stop_step=arrays["early_stop_step"], early_stop_accuracy=arrays["early_stop_accuracy"],
-                       history=history, masks=masks, init_params=init_params, rewind_params=rewind_params)
+                       history=history, masks=masks, init_params=init_params, rewind_state=rewind_state)
     return config, result
 
 

@@ -191,18 +191,6 @@ def _instability_program(config: StabilityConfig, setup: Setup, k: int):
                              devices=config.devices))
 
 
-def _states_at(config: StabilityConfig, setup: Setup, slots, k: int):
-    """``θ_k`` (the full training state) of every seed slot, computed as IMP computes its
-    rewind point."""
-    over_seeds = lambda fn, in_axes: jax.jit(map_seeds(fn, in_axes=in_axes, strategy=config.seed_strategy,
-                                                       devices=config.devices))
-    init_keys, data_keys = (put_seeded(seed_keys(slots, s), config.devices, stacked=True) for s in ("init", "data"))
-    state = over_seeds(setup.trainer.init, (0,))(init_keys)
-    if k == 0:
-        return state
-    return over_seeds(partial(setup.trainer.run_steps, start=0, num_steps=k), (0, None, 0))(state, setup.data, data_keys)[0]
-
-
 def _one_rewind_step(config: StabilityConfig, setup: Setup, k: int, workdir: str, progress: bool) -> dict:
     imp = run_imp(setup.trainer, setup.data, seeds=config.seeds, rounds=config.rounds, fraction=config.prune_rate,
                   num_steps=config.num_steps, scope="global", rewind_step=k, controls=config.controls,
@@ -211,11 +199,12 @@ def _one_rewind_step(config: StabilityConfig, setup: Setup, k: int, workdir: str
     n = len(config.seeds)
     slots = pad_seeds(config.seeds, device_count(config.devices))  # the padding repeats the last seed
     owner = np.minimum(np.arange(len(slots)), n - 1)
-    tickets = put_seeded(jax.tree.map(lambda m: m[owner], imp.masks[-1]), config.devices, stacked=True)
+    padded = lambda tree: put_seeded(jax.tree.map(lambda x: np.asarray(x)[owner], tree), config.devices, stacked=True)
     copy_keys = put_seeded(seed_keys(slots, "copies"), config.devices, stacked=True)
     program = _instability_program(config, setup, k)
-    path = jax.tree.map(lambda x: x[:n], gather(program(_states_at(config, setup, slots, k), copy_keys, tickets,
-                                                        setup.data)))
+    # θ_k is IMP's own rewind state: the same network the tickets are rewound to, not retrained.
+    path = jax.tree.map(lambda x: x[:n], gather(program(padded(imp.rewind_state), copy_keys,
+                                                        padded(imp.masks[-1]), setup.data)))
     return dict(
         alpha=np.asarray(path.alpha[0, 0]),
         dense_error=path.error[:, 0], dense_loss=path.loss[:, 0], dense_barrier=path.barrier[:, 0],
