@@ -12,7 +12,10 @@ arithmetic and changes only how the gradient is computed:
   gradient is one matrix product of the input's patches (im2col, built from strided
   slices and one concatenation, no gather) with the output gradient. The patches exist
   only during the backward pass: the forward pass saves the input, as a native
-  convolution does.
+  convolution does. Where the input is smaller than the (dilated) kernel, e.g. VGG's
+  2x2 maps under 3x3 kernels, XLA:CPU runs even the forward convolution on a slow
+  generic path (about 1 s per layer and step for VGG-16's last three layers at batch
+  60), so there the whole convolution is one matrix product over the (few) patches.
 - ``impl='native'``: plain ``lax.conv_general_dilated`` and its JAX gradient, what
   ``flax.linen.Conv`` computes.
 - ``impl='auto'`` (the default): ``'patches'`` when ``jax.default_backend()`` is ``'cpu'``
@@ -243,6 +246,12 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Union[int, Sequence[int]] = 1
     pads = padding_pairs(padding, x.shape[1:-1], kernel.shape[:n], strides, dilation)
     if impl == "native":
         y = _native(x, kernel, strides, pads, dilation, precision)
+    elif any(size < (k - 1) * d + 1 for size, k, d in zip(x.shape[1:-1], kernel.shape[:n], dilation)):
+        # Inputs smaller than the kernel (VGG's 2x2 maps under 3x3 kernels): XLA:CPU runs
+        # such convolutions on its slow generic path, forward too, so compute them as one
+        # matrix product of the (few) patches, differentiated as such.
+        patches = extract_patches(x, kernel.shape[:n], strides, pads, dilation)
+        y = jnp.matmul(patches, kernel.reshape(-1, kernel.shape[-1]), precision=precision)
     else:
         y = _conv_patches(x, kernel, strides, pads, dilation, precision)
     return y.reshape((*batch_shape, *y.shape[1:]))
