@@ -25,9 +25,7 @@ class ConvNet(nn.Module):
         narrowed by channel pruning.
       fc_widths: widths of the hidden dense layers.
       num_classes: number of logits.
-      conv_impl: how convolutions and max-pools are computed: ``'auto'`` (``'patches'``
-        on CPU, ``'native'`` elsewhere), ``'native'`` or ``'patches'``; the parameters
-        and outputs are the same (see :mod:`lottojax.models.convolution`).
+      conv_impl: ``'auto'``, ``'native'`` or ``'patches'`` (:mod:`lottojax.models.convolution`).
 
     Examples:
       >>> import jax, jax.numpy as jnp

@@ -37,9 +37,7 @@ class VGG(nn.Module):
       widths: output channels of each convolution, overriding the configuration's (e.g.
         for a net narrowed by channel pruning); ``None`` keeps the configuration's.
       num_classes: number of logits.
-      conv_impl: how convolutions and max-pools are computed: ``'auto'`` (``'patches'``
-        on CPU, ``'native'`` elsewhere), ``'native'`` or ``'patches'``; the parameters
-        and outputs are the same (see :mod:`lottojax.models.convolution`).
+      conv_impl: ``'auto'``, ``'native'`` or ``'patches'`` (:mod:`lottojax.models.convolution`).
 
     Examples:
       >>> import jax, jax.numpy as jnp
