@@ -139,3 +139,16 @@ def test_sweep_sharded_over_two_devices_matches_one_device(idx_dir, tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("(1, 3)")
+
+
+def test_one_compiled_instability_program_serves_every_rewind_step(idx_dir, tmp_path):
+    """The copies train ``T - min(k)`` steps and stop changing at ``T``: the program is
+    compiled once for the whole sweep, and a later ``k`` equals a run of that ``k`` alone."""
+    config = StabilityConfig(data_dir=idx_dir, **{**FLAGS, "rewind_steps": (0, 4), "num_points": 4})
+    before = sweep._instability._cache_size()
+    both, _ = run_stability(config, str(tmp_path / "both"), progress=False)
+    assert sweep._instability._cache_size() - before == 1
+    alone, _ = run_stability(StabilityConfig(data_dir=idx_dir, **{**FLAGS, "rewind_steps": (4,), "num_points": 4}),
+                             str(tmp_path / "alone"), progress=False)
+    np.testing.assert_allclose(both.dense_error[1], alone.dense_error[0], atol=1e-6)
+    np.testing.assert_allclose(both.sparse_barrier[1], alone.sparse_barrier[0], atol=1e-6)

@@ -166,3 +166,16 @@ def test_bad_sizes_raise():
     trainer = make_trainer(counting_model(), optax.sgd(0.1), batch_size=100, eval_every=1)
     with pytest.raises(ValueError, match="exceeds the 50 training examples"):
         trainer.run_steps(trainer.init(jax.random.key(0)), id_data(), jax.random.key(1), 0, 1)
+
+
+def test_run_steps_until_freezes_the_state_from_that_step():
+    x = jax.random.normal(jax.random.key(0), (64, 6))
+    data = Dataset(x, jnp.arange(64) % 3, x[:8], jnp.arange(8) % 3, x[:8], jnp.arange(8) % 3)
+    trainer = make_trainer(create("mlp", input_shape=(6,), hidden=(8,), num_classes=3),
+                           optax.chain(optax.adam(1e-2), lj.masked_updates()), batch_size=8, eval_every=4)
+    state = trainer.init(jax.random.key(1))
+    run = jax.jit(trainer.run_steps, static_argnames="num_steps")
+    short, _ = run(state, data, jax.random.key(2), 3, num_steps=7)
+    padded, _ = run(state, data, jax.random.key(2), 3, num_steps=12, until=10)
+    for a, b in zip(jax.tree.leaves(short), jax.tree.leaves(padded)):
+        np.testing.assert_array_equal(a, b)

@@ -251,6 +251,7 @@ def instability(
     num_points: int = 30,
     recompute_stats: Optional[Recompute] = None,
     split: str = "test",
+    until=None,
 ) -> tuple[LinearPath, TrainState]:
     """Instability of ``state`` to SGD noise: the error barrier between two copies of it
     trained with different data orders.
@@ -274,6 +275,9 @@ def instability(
       num_points: α values on the path (Frankle et al.: 30).
       recompute_stats: see :func:`error_barrier`; needed for BatchNorm models.
       split: evaluate on ``'test'`` (Frankle et al.), ``'val'`` or ``'train'``.
+      until: optional global step (may be traced) from which the copies stop changing:
+        with ``num_steps = T - min(k)`` and ``until = T``, one compiled program serves
+        every ``start = k`` (see :meth:`lottojax.train.Trainer.run_steps`).
 
     Returns:
       ``(path, copies)``: the :class:`LinearPath` between the two trained copies and
@@ -299,7 +303,7 @@ def instability(
         raise ValueError(f"split={split!r}: use 'test', 'val' or 'train'")
     if mask is not None:
         state = state._replace(params=apply_mask(state.params, mask), opt_state=set_mask(state.opt_state, mask))
-    train_copy = lambda copy_key: trainer.run_steps(state, data, copy_key, start, num_steps)[0]
+    train_copy = lambda copy_key: trainer.run_steps(state, data, copy_key, start, num_steps, until)[0]
     copies = jax.vmap(train_copy)(jax.random.split(key))
     a, b = (jax.tree.map(lambda leaf: leaf[i], copies) for i in (0, 1))
     path = error_barrier(

@@ -3,8 +3,10 @@
 A :class:`Trainer` is a set of pure functions for one (model, optimizer, batch size):
 
 - ``init(key, mask=None)`` → :class:`TrainState` (params, model state, optimizer state, step);
-- ``run_steps(state, data, key, start, num_steps)`` trains global steps
-  ``[start, start + num_steps)`` in one ``lax.scan``. Step ``s`` takes minibatch
+- ``run_steps(state, data, key, start, num_steps, until=None)`` trains global steps
+  ``[start, start + num_steps)`` in one ``lax.scan``; with ``until`` (may be traced),
+  steps at or past ``until`` leave the state unchanged, so runs of different lengths
+  share one compiled program. Step ``s`` takes minibatch
   ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``, whose order is
   ``jax.random.permutation(fold_in(key, epoch), n_train)``: the data order depends only
   on the key and the global step, so a run split into pieces (rewinding, resuming) sees
@@ -21,7 +23,7 @@ axis of ``state`` and ``key``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -152,7 +154,7 @@ def make_trainer(
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, model_state, opt_state, state.step + 1), value
 
-    def run_steps(state: TrainState, data, key: jax.Array, start, num_steps: int):
+    def run_steps(state: TrainState, data, key: jax.Array, start, num_steps: int, until=None):
         n_train = data.x_train.shape[0]
         steps_per_epoch = n_train // batch_size
         if steps_per_epoch == 0:
@@ -168,7 +170,10 @@ def make_trainer(
                 (position == 0) | (global_step == start), epoch_order, lambda _: order, global_step
             )
             idx = jax.lax.dynamic_slice_in_dim(order, position * batch_size, batch_size)
-            state, value = step(state, data.x_train[idx], data.y_train[idx])
+            new_state, value = step(state, data.x_train[idx], data.y_train[idx])
+            if until is not None:  # steps at or past `until` leave the state as it is
+                new_state = jax.tree.map(lambda n, o: jnp.where(global_step < until, n, o), new_state, state)
+            state = new_state
             return (state, order), value
 
         steps = start + jnp.arange(num_steps, dtype=jnp.int32)

@@ -159,9 +159,9 @@ def _prunable(config: StabilityConfig):
     return lambda path, leaf: jnp.ndim(leaf) >= 2 and not path.startswith("output")
 
 
-def _recompute(model, data, config: StabilityConfig):
-    """``recompute_batch_stats`` on the first ``stats_batches`` training batches, or None
-    for a model without floating-point state."""
+def _stats_batches(model, data, config: StabilityConfig):
+    """The first ``stats_batches`` training batches, on which BatchNorm statistics are
+    recomputed along the path; None for a model without floating-point state."""
     _, state = jax.eval_shape(model.init, jax.random.key(0))
     if not any(jnp.issubdtype(s.dtype, jnp.floating) for s in jax.tree.leaves(state)):
         return None
@@ -169,26 +169,29 @@ def _recompute(model, data, config: StabilityConfig):
     if count > len(data.x_train):
         raise ConfigError("stats_batches", f"stats_batches * batch_size = {count} exceeds the "
                                            f"{len(data.x_train)} training examples")
-    batches = np.asarray(data.x_train[:count]).reshape(config.stats_batches, config.batch_size, *data.input_shape)
-    return partial(recompute_batch_stats, model, batches=jnp.asarray(batches))
+    return jnp.asarray(np.asarray(data.x_train[:count]).reshape(config.stats_batches, config.batch_size,
+                                                                *data.input_shape))
 
 
-def _instability_program(config: StabilityConfig, setup: Setup, k: int):
-    """Jitted ``(θ_k, copy keys, ticket masks, data) -> LinearPath`` with leaves
-    ``(seeds, 2, ...)``: per seed the dense network and its IMP subnetwork, two copies each."""
+@partial(jax.jit, static_argnames=("config", "trainer", "model"))
+def _instability(states, keys, tickets, data, k, stats_batches, *, config: StabilityConfig, trainer, model):
+    """``LinearPath`` with leaves ``(seed slots, 2, ...)``: per seed the dense network and
+    its IMP subnetwork at ``θ_k``, two copies each trained to ``config.num_steps``. ``k`` is
+    traced: the copies run ``T - min(rewind_steps)`` steps and stop changing at ``T``, so
+    one compiled program serves every ``k`` of the sweep."""
+    recompute = None if stats_batches is None else partial(recompute_batch_stats, model, batches=stats_batches)
 
-    recompute = _recompute(setup.model, setup.data, config)
-
-    def one_seed(state, key, ticket, data):
+    def one_seed(state, key, ticket, data, k):
         def one_network(mask):
-            return instability(setup.trainer, state, data, key=key, start=k, num_steps=config.num_steps - k,
-                               mask=mask, num_points=config.num_points, recompute_stats=recompute)[0]
+            return instability(trainer, state, data, key=key, start=k, until=config.num_steps,
+                               num_steps=config.num_steps - min(config.rewind_steps), mask=mask,
+                               num_points=config.num_points, recompute_stats=recompute)[0]
 
         masks = jax.tree.map(lambda dense, sparse: jnp.stack([dense, sparse]), ones_like(state.params), ticket)
         return jax.vmap(one_network)(masks)
 
-    return jax.jit(map_seeds(one_seed, in_axes=(0, 0, 0, None), strategy=config.seed_strategy,
-                             devices=config.devices))
+    over_seeds = map_seeds(one_seed, in_axes=(0, 0, 0, None, None), strategy=config.seed_strategy, devices=config.devices)
+    return over_seeds(states, keys, tickets, data, k)
 
 
 def _one_rewind_step(config: StabilityConfig, setup: Setup, k: int, workdir: str, progress: bool) -> dict:
@@ -201,10 +204,11 @@ def _one_rewind_step(config: StabilityConfig, setup: Setup, k: int, workdir: str
     owner = np.minimum(np.arange(len(slots)), n - 1)
     padded = lambda tree: put_seeded(jax.tree.map(lambda x: np.asarray(x)[owner], tree), config.devices, stacked=True)
     copy_keys = put_seeded(seed_keys(slots, "copies"), config.devices, stacked=True)
-    program = _instability_program(config, setup, k)
     # θ_k is IMP's own rewind state: the same network the tickets are rewound to, not retrained.
-    path = jax.tree.map(lambda x: x[:n], gather(program(padded(imp.rewind_state), copy_keys,
-                                                        padded(imp.masks[-1]), setup.data)))
+    path = _instability(padded(imp.rewind_state), copy_keys, padded(imp.masks[-1]), setup.data, np.int32(k),
+                        _stats_batches(setup.model, setup.data, config), config=config, trainer=setup.trainer,
+                        model=setup.model)
+    path = jax.tree.map(lambda x: x[:n], gather(path))
     return dict(
         alpha=np.asarray(path.alpha[0, 0]),
         dense_error=path.error[:, 0], dense_loss=path.loss[:, 0], dense_barrier=path.barrier[:, 0],
