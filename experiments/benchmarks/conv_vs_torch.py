@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 from typing import Optional
 
 import jax

@@ -27,7 +27,6 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from lottojax.masks import PyTree, apply_mask

@@ -36,11 +36,10 @@ dilation, ``'CIRCULAR'``/``'CAUSAL'`` padding, masks.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 from jax import lax
 
