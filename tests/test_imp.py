@@ -166,3 +166,36 @@ def test_imp_starts_from_given_weights(setup):
         np.testing.assert_array_equal(leaf, np.full(leaf.shape, 0.05, leaf.dtype))
     with pytest.raises(ValueError, match=r"init_params leaf fc0/bias has shape \(1,\); expected \(32,\) or \(2, 32\)"):
         imp(setup, rounds=0, init_params=jax.tree.map(lambda x: x[:1], given))
+
+
+def test_retraining_modes_start_where_renda_et_al_say(setup):
+    """Weight rewinding, learning-rate rewinding and fine-tuning, checked against the same
+    runs rebuilt by hand from the trainer: level 1 starts from (θ_k, opt_k), (θ_T, opt_k)
+    and (θ_T, opt_T), each masked by level 1's ticket mask, and trains steps [k, T)."""
+    _, data = setup
+    schedule = optax.piecewise_constant_schedule(5e-3, {25: 0.1})  # so replaying the schedule matters
+    model = create("mlp", input_shape=(10,), hidden=(32,), num_classes=4)
+    trainer = make_trainer(model, optax.chain(optax.adam(schedule), lj.masked_updates()), batch_size=24, eval_every=10)
+    k, total = 10, 40
+    results = {mode: run_imp(trainer, data, seeds=[3], rounds=1, fraction=RATES, num_steps=total, rewind_step=k,
+                             controls=(), retrain=mode, progress=False) for mode in lj.imp.RETRAINING}
+
+    init_key, data_key = (lj.seeds.seed_keys([3], stream)[0] for stream in ("init", "data"))
+    data = jax.tree.map(jnp.asarray, data)
+    rewound, _ = trainer.run_steps(trainer.init(init_key), data, data_key, start=0, num_steps=k)
+    trained, _ = trainer.train(rewound, data, data_key, start=k, num_steps=total - k)
+    mask = jax.tree.map(lambda m: m[0], results["weights"].masks[1])
+    starts = {"weights": (rewound.params, rewound), "lr": (trained.params, rewound), "finetune": (trained.params, trained)}
+    for mode, (params, state) in starts.items():
+        result = results[mode]
+        np.testing.assert_array_equal(result.history.val_loss[0], results["weights"].history.val_loss[0])  # level 0
+        start = state._replace(params=lj.apply_mask(params, mask), opt_state=lj.set_mask(state.opt_state, mask))
+        _, history = trainer.train(start, data, data_key, start=k, num_steps=total - k)
+        np.testing.assert_allclose(result.history.val_loss[1, 0, 0], history.val_loss, rtol=1e-5, atol=1e-6)
+    level1 = [tuple(results[m].history.val_loss[1, 0, 0]) for m in results]
+    assert len(set(level1)) == 3
+
+
+def test_unknown_retraining_mode_is_named(setup):
+    with pytest.raises(ValueError, match="retrain='rewind'.*'weights', 'lr', 'finetune'"):
+        imp(setup, retrain="rewind")

@@ -14,6 +14,10 @@ All arms of all seeds train in one ``jax.vmap``-ed, jitted program per level (th
 mask is computed inside it), so the whole run compiles once, whatever the number of
 levels. With ``one_shot=True`` level ``L`` instead prunes the *dense* trained weights
 directly to ``1 - (1 - p)^L`` (per layer), the one-shot baseline of the paper.
+``retrain`` picks how the ticket retrains after each pruning (:data:`RETRAINING`): weight
+rewinding to ``θ_k`` (the LTH), or the baselines of Renda et al. (2020), learning-rate
+rewinding (trained weights, the schedule replayed from ``k``) and fine-tuning (trained
+weights at the final rate).
 A run given a ``checkpoint_dir`` saves after every level and resumes from the last
 finished level when called again; the directory is tied to everything that determines
 the result (see :mod:`lottojax.checkpoint`), so a changed model, optimizer, learning
@@ -128,46 +132,75 @@ def _with_mask(state: TrainState, params: PyTree, mask: PyTree) -> TrainState:
     return state._replace(params=apply_mask(params, mask), opt_state=set_mask(state.opt_state, mask))
 
 
-def ticket_start(rewind_state: TrainState, mask: PyTree, *, trainer: Trainer, key, prunable) -> TrainState:
-    """The ticket: the mask on ``θ_k`` with ``θ_k``'s optimizer state."""
+def rewind_weights(rewind_state: TrainState, mask: PyTree, *, trained: TrainState, trainer: Trainer, key,
+                   prunable) -> TrainState:
+    """Weight rewinding (the ticket of the LTH): the mask on ``θ_k`` with ``θ_k``'s optimizer state."""
     return _with_mask(rewind_state, rewind_state.params, mask)
 
 
-def reinit_start(rewind_state: TrainState, mask: PyTree, *, trainer: Trainer, key, prunable) -> TrainState:
+def rewind_learning_rate(rewind_state: TrainState, mask: PyTree, *, trained: TrainState, trainer: Trainer, key,
+                         prunable) -> TrainState:
+    """Learning-rate rewinding (Renda et al. 2020): the mask on the *trained* weights, with the
+    optimizer state of step ``k`` (its schedule count and moments), so the learning-rate
+    schedule replays from ``k``."""
+    return _with_mask(rewind_state, trained.params, mask)
+
+
+def fine_tune(rewind_state: TrainState, mask: PyTree, *, trained: TrainState, trainer: Trainer, key,
+              prunable) -> TrainState:
+    """Fine-tuning (Renda et al. 2020): the mask on the trained weights, which keep training with
+    their own optimizer state, so the schedule stays where training ended (its final rate)."""
+    return _with_mask(trained, trained.params, mask)
+
+
+def reinit_start(rewind_state: TrainState, mask: PyTree, *, trained: TrainState, trainer: Trainer, key,
+                 prunable) -> TrainState:
     """Random reinitialisation: the mask on a fresh ``θ0'`` with a fresh optimizer, from step ``k``."""
     return trainer.init(jax.random.fold_in(key, 0), mask)._replace(step=rewind_state.step)
 
 
-def shuffle_start(rewind_state: TrainState, mask: PyTree, *, trainer: Trainer, key, prunable) -> TrainState:
+def shuffle_start(rewind_state: TrainState, mask: PyTree, *, trained: TrainState, trainer: Trainer, key,
+                  prunable) -> TrainState:
     """Random pruning: the mask permuted within each layer, on ``θ_k``."""
     shuffled = shuffle_mask(mask, key=jax.random.fold_in(key, 1), prunable=prunable)
     return _with_mask(rewind_state, rewind_state.params, shuffled)
 
 
-#: The arms of an IMP level, by name: ``(rewind_state, mask, *, trainer, key, prunable) ->
-#: the TrainState the arm trains from``. ``ticket`` always runs; the others are the
+#: How the ticket retrains after each pruning, by name: ``(rewind_state, mask, *, trained,
+#: trainer, key, prunable) -> the TrainState it trains from`` (``trained``: the state the
+#: previous level ended in, the dense one for ``one_shot``). All train steps ``[k, T)``.
+RETRAINING = MappingProxyType({"weights": rewind_weights, "lr": rewind_learning_rate, "finetune": fine_tune})
+
+#: The arms of an IMP level, by name, with the signature of :data:`RETRAINING`. ``ticket``
+#: always runs (retrained as ``run_imp``'s ``retrain`` says); the others are the
 #: ``controls``. A new arm is one function and one entry here.
-ARMS = MappingProxyType({"ticket": ticket_start, "reinit": reinit_start, "shuffle": shuffle_start})
+ARMS = MappingProxyType({"ticket": rewind_weights, "reinit": reinit_start, "shuffle": shuffle_start})
 CONTROLS = ("reinit", "shuffle")
 
 
-def _make_level(trainer: Trainer, arms, *, scope, prunable, rewind_step, num_steps, one_shot, method, statics):
+def _make_level(trainer: Trainer, arms, *, retrain, scope, prunable, rewind_step, num_steps, one_shot, method,
+                statics):
     """The compiled program of one level for one seed (vmapped over seeds by the caller)."""
+    starts = dict(ARMS, ticket=RETRAINING[retrain])
 
-    def level_one_seed(rewind_state, mask, dense_params, fractions, level, data, data_key, control_key):
+    def level_one_seed(rewind_state, mask, trained, fractions, level, data, data_key, control_key):
         control_key = jax.random.fold_in(control_key, level)
-        starts = _stack([ARMS[a](rewind_state, mask, trainer=trainer, key=control_key, prunable=prunable) for a in arms])
+        starting = _stack([starts[a](rewind_state, mask, trained=trained, trainer=trainer, key=control_key,
+                                     prunable=prunable) for a in arms])
         train = partial(trainer.train, data=data, key=data_key, start=rewind_step, num_steps=num_steps - rewind_step)
-        final, history = jax.vmap(lambda s: train(s))(starts)
+        final, history = jax.vmap(lambda s: train(s))(starting)
         ticket = _take(final, 0)
-        dense_params = jax.tree.map(lambda d, t: jnp.where(level == 0, t, d), dense_params, ticket.params)
+        if one_shot:  # every level prunes (and fine-tunes) the dense network trained at level 0
+            trained = jax.tree.map(lambda old, new: jnp.where(level == 0, new, old), trained, ticket)
+        else:
+            trained = ticket
         context = ScoreContext(
             apply_fn=lambda p, x: trainer.apply(p, ticket.model_state, x, True)[0],
             eval_apply_fn=lambda p, x: trainer.apply(p, ticket.model_state, x, False)[0],
             x=data.x_train, y=data.y_train, **statics)
         prune = partial(prune_with, method, key=jax.random.fold_in(control_key, 2), context=context,
                         fraction=fractions, scope=scope, prunable=prunable)
-        next_mask = prune(dense_params, ones_like(mask)) if one_shot else prune(ticket.params, mask)
+        next_mask = prune(trained.params, ones_like(mask) if one_shot else mask)
         es_step, es_accuracy = early_stop(history)
         record = dict(
             density=density(mask, prunable),
@@ -176,7 +209,7 @@ def _make_level(trainer: Trainer, arms, *, scope, prunable, rewind_step, num_ste
             early_stop_accuracy=es_accuracy,
             history=history,
         )
-        return record, next_mask, dense_params
+        return record, next_mask, trained
 
     return level_one_seed
 
@@ -193,6 +226,7 @@ def run_imp(
     rewind_step: int = 0,
     one_shot: bool = False,
     controls: Sequence[str] = CONTROLS,
+    retrain: str = "weights",
     prunable: Spec = None,
     method: Union[str, PruningMethod, Callable[[PyTree], PyTree]] = "magnitude",
     init_params: Optional[PyTree] = None,
@@ -218,6 +252,11 @@ def run_imp(
       rewind_step: ``k``; survivors are reset to their values after ``k`` dense steps.
       one_shot: prune the dense weights straight to each level's density.
       controls: any of ``('reinit', 'shuffle')`` (the keys of :data:`ARMS` but ``ticket``).
+      retrain: how the ticket retrains after each pruning (a key of :data:`RETRAINING`):
+        ``'weights'`` rewinds the survivors to ``θ_k`` (the LTH); ``'lr'`` keeps the trained
+        weights and replays the learning-rate schedule from step ``k`` (learning-rate
+        rewinding); ``'finetune'`` keeps the trained weights and their optimizer state (the
+        final learning rate). Each trains ``T - k`` steps; the controls are unchanged.
       prunable: which leaves may be pruned (default ``ndim >= 2``).
       method: how the trained weights are scored at every level (higher = keep): a
         registered name of :data:`lottojax.methods.METHODS` (default ``'magnitude'``: IMP
@@ -250,6 +289,8 @@ def run_imp(
     unknown = set(controls) - set(ARMS) | ({"ticket"} & set(controls))
     if unknown:
         raise ValueError(f"controls {sorted(unknown)} unknown; choose from {tuple(a for a in ARMS if a != 'ticket')}")
+    if retrain not in RETRAINING:
+        raise ValueError(f"retrain={retrain!r} unknown; choose from {tuple(RETRAINING)}")
     if scope not in ("layerwise", "global"):
         raise ValueError(f"scope={scope!r}: use 'layerwise' or 'global'")
     if not 0 <= rewind_step < num_steps:
@@ -280,15 +321,15 @@ def run_imp(
 
     method = as_method(method)
     level_one_seed = _make_level(
-        trainer, arms, scope=scope, prunable=prunable, rewind_step=rewind_step, num_steps=num_steps,
+        trainer, arms, retrain=retrain, scope=scope, prunable=prunable, rewind_step=rewind_step, num_steps=num_steps,
         one_shot=one_shot, method=method, statics=dict(input_shape=data.input_shape, num_classes=data.num_classes),
     )
     level_fn = over_seeds(level_one_seed, (0, 0, 0, None, None, None, 0, 0))
     levels = rounds + 1
     masks = over_seeds(ones_like, (0,))(init_state.params)
-    carry = dict(level=np.array(0, np.int32), mask=masks, dense_params=init_state.params, rewind_state=init_state)
+    carry = dict(level=np.array(0, np.int32), mask=masks, trained=init_state, rewind_state=init_state)
     level_args = lambda carry, level: (
-        carry["rewind_state"], carry["mask"], carry["dense_params"], fractions_at(level + 1),
+        carry["rewind_state"], carry["mask"], carry["trained"], fractions_at(level + 1),
         np.int32(level), data, data_keys, control_keys,
     )
     record_shape = jax.eval_shape(level_fn, *level_args(carry, 0))[0]
@@ -298,7 +339,7 @@ def run_imp(
     if checkpoint_dir is not None:
         checkpoint = Checkpointer(checkpoint_dir, _signature(
             trainer, data, init_state, num_steps=num_steps, seeds=list(seeds), fraction=fraction, scope=scope,
-            rewind_step=rewind_step, one_shot=one_shot, controls=list(controls), prunable=prunable,
+            rewind_step=rewind_step, one_shot=one_shot, controls=list(controls), retrain=retrain, prunable=prunable,
             method=method, init_params=init_params, seed_slots=len(slots)))
     done = []  # per finished level: host copies of its record and the mask it trained
     unit, carry = (None, carry) if checkpoint is None else checkpoint.restore(carry)
@@ -310,14 +351,15 @@ def run_imp(
     elif rewind_step > 0:
         to_k = over_seeds(partial(trainer.run_steps, start=0, num_steps=rewind_step), (0, None, 0))
         carry["rewind_state"], _ = to_k(init_state, data, data_keys)
+        carry["trained"] = carry["rewind_state"]  # level 0 trains the dense net from θ_k in every mode
 
     rewind_state = gather(carry["rewind_state"])
     init_host = gather(init_state.params)
     bar = _progress(levels, len(done), progress)
     for level in range(len(done), levels):
-        record, next_mask, dense_params = level_fn(*level_args(carry, level))
+        record, next_mask, trained = level_fn(*level_args(carry, level))
         done.append(dict(record=gather(record), mask=gather(carry["mask"])))
-        carry.update(level=np.array(level + 1, np.int32), mask=next_mask, dense_params=dense_params)
+        carry.update(level=np.array(level + 1, np.int32), mask=next_mask, trained=trained)
         if checkpoint is not None:
             if jax.process_index() == 0:
                 save_arrays(_level_file(checkpoint_dir, level), (done[-1]["mask"], done[-1]["record"]))

@@ -28,7 +28,7 @@ from lottojax.experiments.base import ConfigError, ExperimentConfig, build, opti
 from lottojax.experiments.plots import density_axis, figure, save
 from lottojax.experiments.store import config_from_json, mean_std, open_run, read_config, stats, write_results
 from lottojax.methods import METHODS
-from lottojax.imp import ARMS, CONTROLS, IMPResult, run_imp, saved_masks
+from lottojax.imp import ARMS, CONTROLS, RETRAINING, IMPResult, run_imp, saved_masks
 from lottojax.prune import rates_by_layer
 from lottojax.train import History
 
@@ -56,6 +56,9 @@ class LotteryConfig(ExperimentConfig):
     one_shot: bool = option(False, "prune the dense trained weights straight to each level's density")
     controls: tuple[str, ...] = option(CONTROLS, "control arms trained on every level's mask",
                                        choices=tuple(a for a in ARMS if a != "ticket"))
+    retrain: str = option("weights", "how the ticket retrains after pruning: rewind the weights to step k (the "
+                                     "LTH), rewind only the learning-rate schedule (lr), or fine-tune at the final "
+                                     "rate (finetune)", choices=tuple(RETRAINING))
 
     def check(self) -> None:
         super().check()
@@ -87,7 +90,7 @@ def run_lottery(config: LotteryConfig, root: str = "runs", *, progress: bool = T
         result = run_imp(
             setup.trainer, setup.data, seeds=config.seeds, rounds=config.rounds, fraction=fraction,
             num_steps=config.num_steps, scope=config.scope, rewind_step=config.rewind_step,
-            one_shot=config.one_shot, controls=config.controls, method=config.method, seed_strategy=config.seed_strategy,
+            one_shot=config.one_shot, controls=config.controls, retrain=config.retrain, method=config.method, seed_strategy=config.seed_strategy,
             devices=config.devices, checkpoint_dir=os.path.join(workdir, "checkpoint"), progress=progress,
         )
     if jax.process_index() == 0:
