@@ -32,6 +32,7 @@ import optax
 from lottojax.masks import PyTree, apply_mask
 from lottojax.models.core import Model
 from lottojax.optim import set_mask
+from lottojax.sparse_training import seed
 
 
 class TrainState(NamedTuple):
@@ -107,7 +108,9 @@ def make_trainer(
     Args:
       model: a :class:`lottojax.models.Model`.
       optimizer: an optax transform; end it with :func:`lottojax.masked_updates` to train
-        sparse networks (``init(key, mask)`` then sets the mask in its state).
+        sparse networks (``init(key, mask)`` then sets the mask in its state), or wrap it
+        in :func:`lottojax.sparse_training.sparse_training` (``init(key)`` seeds its mask
+        draws with ``jax.random.fold_in(key, 1)``).
       batch_size: training minibatch size.
       eval_every: steps between evaluations in ``train``.
       eval_batch_size: chunk size for evaluation (bounds memory on large test sets).
@@ -139,6 +142,7 @@ def make_trainer(
         if mask is not None:
             params = apply_mask(params, mask)
         opt_state = optimizer.init(params)
+        opt_state = seed(opt_state, jax.random.fold_in(key, 1))  # no-op without sparse training
         if mask is not None:
             opt_state = set_mask(opt_state, mask)
         return TrainState(params, model_state, opt_state, jnp.zeros((), jnp.int32))
