@@ -2,7 +2,8 @@
 
 Masks are bool pytrees shaped like the parameters; scoring, pruning and rewinding are pure,
 jittable, vmappable functions; an optax transform keeps pruned weights at exactly zero;
-Early-Bird detection is a pure state machine over mask distances.
+Early-Bird detection is a pure state machine over mask distances; sparse training (GMP,
+static, SET, RigL) wraps any optax optimizer and STE runs through ``straight_through``.
 """
 from lottojax.distributions import densities_to_fractions, erk, layer_densities
 from lottojax.early_bird import (
@@ -24,7 +25,19 @@ from lottojax.prune import prune_global, prune_layerwise, rates_by_layer
 from lottojax.rewind import random_reinit, rewind, shuffle_mask
 from lottojax.scores import class_balanced_sample, grasp, magnitude, random_scores, snip, synflow, synflow_mask
 from lottojax.seeds import map_seeds
+from lottojax.sparse_training import (
+    SPARSE_METHODS,
+    SparseMethod,
+    SparsitySchedule,
+    cosine_drop_fraction,
+    cubic,
+    get_sparse_method,
+    one_shot,
+    periodic,
+    sparse_training,
+)
 from lottojax.stability import LinearPath, error_barrier, instability, interpolate, recompute_batch_stats
+from lottojax.straight_through import sr_ste_decay, ste_mask, ste_model, ste_params, straight_through
 from lottojax.structured import prune_channels, prune_nm
 from lottojax.tickets import Ticket, load_ticket, save_ticket
 
@@ -37,13 +50,18 @@ __all__ = [
     "METHODS",
     "MaskedUpdatesState",
     "PruningMethod",
+    "SPARSE_METHODS",
     "ScoreContext",
+    "SparseMethod",
+    "SparsitySchedule",
     "Ticket",
     "apply_mask",
     "bn_scales",
     "channel_mask",
     "check_mask",
     "class_balanced_sample",
+    "cosine_drop_fraction",
+    "cubic",
     "densities_to_fractions",
     "density",
     "detect_early_bird",
@@ -53,6 +71,7 @@ __all__ = [
     "format_report",
     "get_mask",
     "get_method",
+    "get_sparse_method",
     "grasp",
     "hamming_distance",
     "instability",
@@ -65,7 +84,9 @@ __all__ = [
     "mask_distance_matrix",
     "mask_state",
     "masked_updates",
+    "one_shot",
     "ones_like",
+    "periodic",
     "prune_channels",
     "prune_global",
     "prune_layerwise",
@@ -81,7 +102,13 @@ __all__ = [
     "shuffle_mask",
     "slimming_penalty",
     "snip",
+    "sparse_training",
     "sparsity",
+    "sr_ste_decay",
+    "ste_mask",
+    "ste_model",
+    "ste_params",
+    "straight_through",
     "synflow",
     "synflow_mask",
     "weight_mask",

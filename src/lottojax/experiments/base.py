@@ -149,8 +149,10 @@ def learning_rate_schedule(config, total_steps: int, *, steps_per_epoch: Optiona
     return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
 
 
-def make_optimizer(name: str, learning_rate, *, momentum: float = 0.9, weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """An optax optimizer by name, ending with :func:`lottojax.masked_updates`.
+def make_optimizer(name: str, learning_rate, *, momentum: float = 0.9, weight_decay: float = 0.0,
+                   masked: bool = True) -> optax.GradientTransformation:
+    """An optax optimizer by name, ending with :func:`lottojax.masked_updates` (without it
+    when ``masked=False``: the inner optimizer that a sparse-training transform wraps).
 
     ``weight_decay`` is decoupled for ``adamw`` and added to the gradient (L2) otherwise.
     ``learning_rate`` may be an optax schedule.
@@ -161,8 +163,9 @@ def make_optimizer(name: str, learning_rate, *, momentum: float = 0.9, weight_de
       >>> lj.get_mask(tx.init({'w': jnp.ones((2, 2))}))['w'].all()
       Array(True, dtype=bool)
     """
+    mask = [masked_updates()] if masked else []
     if name == "adamw":
-        return optax.chain(optax.adamw(learning_rate, weight_decay=weight_decay), masked_updates())
+        return optax.chain(optax.adamw(learning_rate, weight_decay=weight_decay), *mask)
     base = {
         "adam": lambda: optax.adam(learning_rate),
         "sgd": lambda: optax.sgd(learning_rate),
@@ -171,7 +174,7 @@ def make_optimizer(name: str, learning_rate, *, momentum: float = 0.9, weight_de
     if name not in base:
         raise ValueError(f"optimizer={name!r} unknown; choose from {OPTIMIZERS}")
     decay = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
-    return optax.chain(*decay, base[name](), masked_updates())
+    return optax.chain(*decay, base[name](), *mask)
 
 
 def load_dataset(name: str, *, data_dir: Optional[str] = None, validation: Optional[int] = None):
