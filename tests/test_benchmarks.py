@@ -91,3 +91,14 @@ def test_xla_cpu_dots_benchmark_compiles_both_ways_and_trains_the_same(monkeypat
     monkeypatch.setattr(dots, "CASES", dots.CASES[:1])
     (comparison,) = dots.main(["--steps", "3", "--repeats", "1"])
     assert comparison.checks["first-step loss difference"] < 1e-5  # same step, products summed in another order
+
+
+def test_sparse_training_overhead_benchmark_runs_every_method_at_the_same_density(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    importlib.import_module("sparse_training_overhead").main(
+        ["--model", "mlp", "--steps", "4", "--every", "2", "--repeats", "1"])
+    printed = capsys.readouterr().out
+    for case in ("static", "gmp/2", "set/2", "rigl/2", "gmp/1", "set/1", "rigl/1", "ste"):
+        assert f"{case} vs masked dense" in printed
+    densities = [line.split(":")[1] for line in printed.splitlines() if "final density" in line]
+    assert len(densities) == 8 and all(d.split(",")[0].strip() == "0.1" for d in densities)
