@@ -69,12 +69,15 @@ def _family(name: str) -> str:
     raise ValueError(f"channel pruning supports the models 'cnn1d', 'vgg*' and 'resnet*'; got {name!r}")
 
 
-def _resnet_blocks(params: PyTree) -> list[str]:
+def resnet_blocks(params: PyTree) -> list[str]:
+    """The residual blocks of a reference ResNet's params (``stage{i}_block{j}``), in order."""
     blocks = [k for k in params if _BLOCK.match(k)]
     return sorted(blocks, key=lambda k: tuple(int(g) for g in _BLOCK.match(k).groups()))
 
 
-def _inner_bn(params: PyTree) -> str:
+def inner_bn(params: PyTree) -> str:
+    """The BatchNorm that normalises a block's inner channels: ``bn0`` (post-activation
+    blocks) or ``bn1`` (pre-activation)."""
     return "bn1" if "bn_final" in params else "bn0"  # pre-activation ResNets end in bn_final
 
 
@@ -93,7 +96,7 @@ def channel_select(name: str, params: PyTree) -> Callable[[str, Any], bool]:
     """
     if _family(name) != "resnet":
         return is_bn_scale
-    inner = {f"{block}/{_inner_bn(params)}/scale" for block in _resnet_blocks(params)}
+    inner = {f"{block}/{inner_bn(params)}/scale" for block in resnet_blocks(params)}
     return lambda path, leaf: path in inner
 
 
@@ -140,7 +143,7 @@ def _chain_plan(family: str, channel_mask: dict, params: PyTree) -> ChannelPlan:
 
 
 def _resnet_plan(channel_mask: dict, params: PyTree) -> ChannelPlan:
-    blocks, inner = _resnet_blocks(params), _inner_bn(params)
+    blocks, inner = resnet_blocks(params), inner_bn(params)
     prunable = {f"{b}/{inner}/scale" for b in blocks}
     pruned_elsewhere = [k for k, m in channel_mask.items() if k not in prunable and not np.all(np.asarray(m))]
     if pruned_elsewhere:
