@@ -87,6 +87,14 @@ def test_finished_run_loads_back_with_every_levels_ticket(tmp_path, capsys):
     assert ticket.metadata["level"] == 1
     summary = json.load(open(os.path.join(workdir, "results.json")))
     assert summary["levels"][1]["arms"]["ticket"]["early_stop_accuracy"]["n"] == 2
+    # The ticket's size, seed 3's mask: MLP 40-300-100-10, dense 20% / output 10% per round.
+    size = [level["ticket_size"] for level in summary["levels"]]
+    kernels = 40 * 300 + 300 * 100 + 100 * 10
+    assert [s["params"]["dense"] for s in size] == [kernels + 300 + 100 + 10] * 2
+    assert size[1]["params"]["kept"] == 9600 + 24000 + 900 + 410  # kept kernels + every bias
+    assert size[0]["flops"]["masked"] == size[0]["flops"]["dense"] == 2 * kernels
+    assert size[1]["flops"]["masked"] == 2 * (9600 + 24000 + 900)
+    assert size[1]["flops"]["compacted"] <= size[1]["flops"]["dense"]
 
     again, same_dir = run_lottery(TINY, str(tmp_path), progress=True)  # finished: resumes past the end
     assert same_dir == workdir and "resuming" in capsys.readouterr().out

@@ -5,7 +5,9 @@ the same way. It builds data, model and optimizer from the config, runs IMP with
 controls for all seeds in one compiled program per level (:func:`lottojax.imp.run_imp`),
 and writes into ``<root>/lottery-<config hash>/``:
 
-- ``config.json``; ``results.json`` (per level and arm: mean, std, n and per-seed values);
+- ``config.json``; ``results.json`` (per level and arm: mean, std, n and per-seed values;
+  per level the first seed's ticket size: parameters and forward FLOPs per example of the
+  dense, masked and compacted network, :func:`ticket_sizes`);
 - ``results.npz`` (every per-level array, training curves included);
 - ``params.npz`` (``θ0`` and the training state at ``θ_k`` of every seed) and ``checkpoint/levels/level-NNNN.npz``
   (each level's ticket mask and record): :func:`load_lottery` rebuilds the
@@ -24,7 +26,8 @@ import jax
 import numpy as np
 
 from lottojax.checkpoint import load_arrays, save_arrays
-from lottojax.experiments.base import ConfigError, ExperimentConfig, build, option
+from lottojax.compact import count
+from lottojax.experiments.base import ConfigError, ExperimentConfig, build, model_kwargs, option
 from lottojax.experiments.plots import density_axis, figure, save
 from lottojax.experiments.store import config_from_json, mean_std, open_run, read_config, stats, write_results
 from lottojax.methods import METHODS
@@ -94,14 +97,30 @@ def run_lottery(config: LotteryConfig, root: str = "runs", *, progress: bool = T
             devices=config.devices, checkpoint_dir=os.path.join(workdir, "checkpoint"), progress=progress,
         )
     if jax.process_index() == 0:
-        _write(config, result, workdir)
+        _write(config, result, workdir, setup.data.input_shape)
     return result, workdir
 
 
-def _write(config: LotteryConfig, result: IMPResult, workdir: str) -> None:
+def ticket_sizes(config: LotteryConfig, result: IMPResult, input_shape) -> list[dict]:
+    """Per level, what the first seed's ticket costs: parameters and forward FLOPs per
+    example of the dense, masked and compacted network (:func:`lottojax.compact.count`)."""
+    rows = []
+    params = jax.tree.map(lambda x: x[0], result.rewind_params)
+    for mask in result.masks:
+        total = count(params, jax.tree.map(lambda m: m[0], mask), name=config.model, input_shape=tuple(input_shape),
+                      xla=False, **model_kwargs(config)).total
+        rows.append({"params": {"dense": total.params, "kept": total.nonzero, "compacted": total.compacted},
+                     "flops": {"dense": total.flops_dense, "masked": total.flops_masked,
+                               "compacted": total.flops_compacted}})
+    return rows
+
+
+def _write(config: LotteryConfig, result: IMPResult, workdir: str, input_shape) -> None:
     arrays = {k: v for k, v in result._asdict().items() if isinstance(v, np.ndarray)}
     arrays.update({f"history_{k}": v for k, v in result.history._asdict().items()})
-    write_results(workdir, {"config": dataclasses.asdict(config), "levels": imp_summary(result)},
+    levels = [dict(row, ticket_size=size) for row, size in zip(imp_summary(result),
+                                                                ticket_sizes(config, result, input_shape))]
+    write_results(workdir, {"config": dataclasses.asdict(config), "levels": levels},
                   dict(arms=np.array(result.arms), seeds=np.array(result.seeds), **arrays))
     save_arrays(os.path.join(workdir, "params.npz"), (result.init_params, result.rewind_state))
     plot_imp(result, os.path.join(workdir, "lottery.png"),
