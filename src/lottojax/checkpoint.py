@@ -17,9 +17,11 @@ A changed signature is an error that lists what changed; nothing is guessed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import tempfile
 from typing import Any, Callable, Optional
 
 import jax
@@ -173,14 +175,38 @@ class Checkpointer:
         return unit, self._manager.restore(unit, args=ocp.args.StandardRestore(abstract))
 
 
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ".tmp"):
+    """Yields a temporary path beside ``path``; once the block has written it, it replaces
+    ``path`` in one rename. If the block raises, the temporary file is removed and ``path``
+    is left as it was: a reader never sees a half-written file.
+
+    Examples:
+      >>> import tempfile
+      >>> path = os.path.join(tempfile.mkdtemp(), 'note.txt')
+      >>> with atomic_path(path) as tmp:
+      ...     _ = open(tmp, 'w').write('done')
+      >>> open(path).read(), os.listdir(os.path.dirname(path))
+      ('done', ['note.txt'])
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_json(path: str, obj) -> None:
-    """Writes JSON atomically (a temporary file, then a rename)."""
+    """Writes JSON atomically (:func:`atomic_path`)."""
     import json
 
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def save_arrays(path: str, tree: Any) -> None:
@@ -195,9 +221,8 @@ def save_arrays(path: str, tree: Any) -> None:
       {'a': array([0, 1, 2]), 'b': (array([ True,  True]),)}
     """
     leaves = [np.asarray(jax.device_get(x)) for x in jax.tree.leaves(tree)]
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, *leaves)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".tmp.npz") as tmp:  # np.savez appends .npz to other names
+        np.savez(tmp, *leaves)
 
 
 def load_arrays(path: str, template: Any) -> Any:

@@ -56,17 +56,17 @@ import functools
 import json
 import os
 import re
-import tempfile
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lottojax.checkpoint import atomic_path
 from lottojax.masks import PyTree, Spec, conform_mask, leaves_with_paths, path_str, prunable_flags
 from lottojax.models import MODEL_NAMES, VGG_CONFIGS
 from lottojax.models.core import from_linen
-from lottojax.models.registry import _REGISTRY
+from lottojax.models.registry import linen_module
 
 #: ``format`` entry of the metadata of the safetensors files :func:`save_safetensors` writes.
 FORMAT = "lottojax.export"
@@ -585,8 +585,7 @@ def torch_model(name: str, *, input_shape: tuple[int, ...], num_classes: int = 1
     classes = _torch_classes()
     from torch import nn
 
-    cls, defaults = _REGISTRY[name]
-    module = cls(num_classes=num_classes, **{**defaults, **kwargs})
+    module = linen_module(name, num_classes=num_classes, **kwargs)
     shapes = jax.eval_shape(from_linen(module, tuple(input_shape)).init, jax.random.key(0))[0]
     paths, leaves, _ = leaves_with_paths(shapes)
     layers = _layers(paths, "params")
@@ -748,16 +747,8 @@ def save_safetensors(path, name: str, params: PyTree, mask: Optional[PyTree] = N
             except (TypeError, ValueError) as e:
                 raise ValueError(f"metadata[{key!r}] is neither a string nor JSON-serializable: {e}") from None
 
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=info)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
 
 

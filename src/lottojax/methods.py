@@ -315,17 +315,23 @@ def get_method(name: str, **hparams) -> PruningMethod:
       ...
       ValueError: pruning method 'snip' has no hyperparameter 'batch'; it takes: batch_size
     """
-    if not isinstance(name, str) or name not in METHODS:
+    return from_registry(METHODS, name, hparams, kind="pruning method", value_type="PruningMethod")
+
+
+def from_registry(registry: Mapping[str, Callable], name: str, hparams: dict, *, kind: str, value_type: str):
+    """``registry[name](**hparams)``, with errors that list the registered names or the
+    hyperparameters the factory takes (every registry of methods shares it)."""
+    if not isinstance(name, str) or name not in registry:
         raise ValueError(
-            f"pruning method {name!r} is not registered; registered: "
-            f"{', '.join(repr(n) for n in METHODS)} (or pass a PruningMethod value)"
+            f"{kind} {name!r} is not registered; registered: "
+            f"{', '.join(repr(n) for n in registry)} (or pass a {value_type} value)"
         )
-    factory = METHODS[name]
+    factory = registry[name]
     accepted = list(inspect.signature(factory).parameters)
     for hparam in hparams:
         if hparam not in accepted:
             takes = ", ".join(accepted) if accepted else "no hyperparameters"
-            raise ValueError(f"pruning method {name!r} has no hyperparameter {hparam!r}; it takes: {takes}")
+            raise ValueError(f"{kind} {name!r} has no hyperparameter {hparam!r}; it takes: {takes}")
     return factory(**hparams)
 
 

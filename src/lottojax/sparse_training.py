@@ -67,7 +67,6 @@ Choices where the papers and the reference code differ:
 """
 from __future__ import annotations
 
-import inspect
 import math
 import types
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
@@ -79,7 +78,7 @@ import numpy as np
 import optax
 
 from lottojax.masks import PyTree, Spec, check_mask, check_same_shapes, ones_like, prunable_leaves
-from lottojax.methods import prune_with
+from lottojax.methods import from_registry, prune_with
 from lottojax.optim import MaskedUpdatesState
 from lottojax.prune import lowest_alive
 
@@ -485,18 +484,7 @@ def get_sparse_method(name: str, **hparams) -> SparseMethod:
       ...
       ValueError: sparse-training method 'set' has no hyperparameter 'alpha'; it takes: drop_fraction, regrow_dropped
     """
-    if not isinstance(name, str) or name not in SPARSE_METHODS:
-        raise ValueError(
-            f"sparse-training method {name!r} is not registered; registered: "
-            f"{', '.join(repr(n) for n in SPARSE_METHODS)} (or pass a SparseMethod value)"
-        )
-    factory = SPARSE_METHODS[name]
-    accepted = list(inspect.signature(factory).parameters)
-    for hparam in hparams:
-        if hparam not in accepted:
-            takes = ", ".join(accepted) if accepted else "no hyperparameters"
-            raise ValueError(f"sparse-training method {name!r} has no hyperparameter {hparam!r}; it takes: {takes}")
-    return factory(**hparams)
+    return from_registry(SPARSE_METHODS, name, hparams, kind="sparse-training method", value_type="SparseMethod")
 
 
 # ---------------------------------------------------------------------------------------

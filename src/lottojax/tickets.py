@@ -32,7 +32,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import zipfile
 from typing import Any, NamedTuple, Optional
 
@@ -40,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lottojax.checkpoint import atomic_path
 from lottojax.masks import PyTree, Spec, check_mask, leaves_with_paths, prunable_flags
 
 FORMAT = "lottojax.ticket"
@@ -184,23 +184,15 @@ def save_ticket(path, *, mask: PyTree, params: PyTree, metadata: Optional[dict] 
     except (TypeError, ValueError) as e:
         raise ValueError(f"metadata for {path} is not JSON-serializable: {e}") from None
 
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-                archive.writestr(_META, text)
-                for kind, leaves in (("mask", mask_leaves), ("params", param_leaves)):
-                    for p, x in zip(paths, leaves):
-                        with archive.open(f"{kind}/{p}.npy", "w", force_zip64=True) as entry:
-                            np.lib.format.write_array(entry, _storable(np.ascontiguousarray(x)), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            archive.writestr(_META, text)
+            for kind, leaves in (("mask", mask_leaves), ("params", param_leaves)):
+                for p, x in zip(paths, leaves):
+                    with archive.open(f"{kind}/{p}.npy", "w", force_zip64=True) as entry:
+                        np.lib.format.write_array(entry, _storable(np.ascontiguousarray(x)), allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 

@@ -6,6 +6,7 @@ from typing import Any
 from lottojax.models.cnn1d import CNN1D
 from lottojax.models.conv import ConvNet
 from lottojax.models.core import Model, from_linen
+from lottojax.models.grok import GrokMLP, GrokTransformer
 from lottojax.models.mlp import MLP
 from lottojax.models.resnet import ResNet
 from lottojax.models.vgg import VGG
@@ -21,6 +22,8 @@ _REGISTRY: dict[str, tuple[type, dict[str, Any]]] = {
     "vgg11": (VGG, dict(depth=11)),
     "vgg16": (VGG, dict(depth=16)),
     "resnet20": (ResNet, dict(stage_sizes=(3, 3, 3))),
+    "grok-mlp": (GrokMLP, dict(embed=500, hidden=48)),
+    "grok-transformer": (GrokTransformer, dict(d_model=128, heads=4, d_mlp=512)),
 }
 
 #: The names :func:`create` accepts.
@@ -33,7 +36,8 @@ def create(name: str, *, input_shape: tuple[int, ...], num_classes: int = 10, **
     Args:
       name: one of :data:`MODEL_NAMES`: ``'mlp'`` (the MNIST-1D MLP, 300-100 hidden),
         ``'lenet300100'``, ``'conv2'``, ``'conv4'``, ``'conv6'``, ``'cnn1d'``, ``'vgg11'``,
-        ``'vgg16'``, ``'resnet20'``.
+        ``'vgg16'``, ``'resnet20'``, ``'grok-mlp'`` (:class:`~lottojax.models.grok.GrokMLP`, token
+        inputs ``(2,)``), ``'grok-transformer'`` (:class:`~lottojax.models.grok.GrokTransformer`).
       input_shape: shape of one example, without the batch axis (e.g. ``(40,)``,
         ``(28, 28, 1)``, ``(32, 32, 3)``).
       num_classes: number of logits.
@@ -55,8 +59,17 @@ def create(name: str, *, input_shape: tuple[int, ...], num_classes: int = 10, **
       ...
       ValueError: Unknown model 'lenet5'; expected one of: mlp, lenet300100, ...
     """
+    return from_linen(linen_module(name, num_classes=num_classes, **kwargs), input_shape)
+
+
+def linen_module(name: str, *, num_classes: int = 10, **kwargs):
+    """The Flax linen module behind :func:`create` (its fields: ``depth``, ``stride``, ...).
+
+    Examples:
+      >>> linen_module('vgg16', widths=(8,) * 13).depth
+      16
+    """
     if name not in _REGISTRY:
         raise ValueError(f"Unknown model {name!r}; expected one of: {', '.join(MODEL_NAMES)}.")
     cls, defaults = _REGISTRY[name]
-    module = cls(num_classes=num_classes, **{**defaults, **kwargs})
-    return from_linen(module, input_shape)
+    return cls(num_classes=num_classes, **{**defaults, **kwargs})
