@@ -102,3 +102,27 @@ def test_sparse_training_overhead_benchmark_runs_every_method_at_the_same_densit
         assert f"{case} vs masked dense" in printed
     densities = [line.split(":")[1] for line in printed.splitlines() if "final density" in line]
     assert len(densities) == 8 and all(d.split(",")[0].strip() == "0.1" for d in densities)
+
+
+def test_ticket_speed_benchmark_times_every_form_of_every_ticket(monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    out = tmp_path / "ticket_speed.json"
+    importlib.import_module("ticket_speed").main(
+        ["--synthetic", "--image-size", "8", "--synthetic-examples", "200", "--eval-examples", "50", "--steps", "2",
+         "--densities", "0.036", "--tickets", "magnitude", "--batches", "1,16", "--repeats", "1", "--auto-repeats", "1",
+         "--train-steps", "2", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    models, densities, batches = ("lenet300100", "conv2"), (0.036,), (1, 16)
+    assert {(r["model"], r["target_density"], r["batch"]) for r in saved["inference"]} == {
+        (m, d, b) for m in models for d in densities for b in batches}
+    for row in saved["inference"]:
+        assert set(row["median_s"]) == {"dense", "masked", "compacted", "sparse export"}
+        assert max(row["max_logit_diff"].values()) < 1e-4  # every form computes the ticket
+        assert row["pays"] in ("yes", "NO", "unclear") and row["fastest"] in row["median_s"]
+        assert (row["target"] is not None) == (row["density"] <= 0.05)
+        assert row["formats"]["output"] in ("dense", "bcsr", "bcoo", "gather")
+    assert {(r["model"], r["target_density"]) for r in saved["training"]} == {(m, d) for m in models for d in densities}
+    for ticket in saved["tickets"]:  # magnitude tickets at IMP's per-layer rates, near the target
+        assert abs(ticket["density"] - ticket["target_density"]) < 0.25 * ticket["target_density"]
+    printed = capsys.readouterr().out
+    assert "Where tickets pay" in printed and "Training step: compacted vs masked dense" in printed
