@@ -227,3 +227,35 @@ def build(config, *, total_steps: Optional[int] = None, eval_every: Optional[int
     optimizer = make_optimizer(config.optimizer, schedule, momentum=config.momentum, weight_decay=config.weight_decay)
     trainer = make_trainer(model, optimizer, batch_size=config.batch_size, eval_every=eval_every or config.eval_every)
     return Setup(data, model, optimizer, trainer, steps_per_epoch)
+
+
+def seed_slots(config) -> tuple[int, ...]:
+    """``config.seeds`` padded to a multiple of ``config.devices``' count (the padding
+    repeats the last seed; results of padded slots are dropped)."""
+    from lottojax.seeds import device_count, pad_seeds
+
+    return pad_seeds(config.seeds, device_count(config.devices))
+
+
+def stream_keys(config, *streams: str) -> tuple:
+    """Per named key stream (:data:`lottojax.seeds.KEY_STREAMS`), the keys of every seed
+    slot, placed on ``config.devices``.
+
+    Examples:
+      >>> init, data = stream_keys(ExperimentConfig(seeds=(3, 4)), 'init', 'data')
+      >>> init.shape, data.shape
+      ((2,), (2,))
+    """
+    from lottojax.seeds import put_seeded, seed_keys
+
+    slots = seed_slots(config)
+    return tuple(put_seeded(seed_keys(slots, s), config.devices, stacked=True) for s in streams)
+
+
+def over_seeds(config, fn, in_axes):
+    """``fn`` jitted over the seed axis as ``config`` says (``seed_strategy``, ``devices``)."""
+    import jax
+
+    from lottojax.seeds import map_seeds
+
+    return jax.jit(map_seeds(fn, in_axes=in_axes, strategy=config.seed_strategy, devices=config.devices))

@@ -51,6 +51,7 @@ from lottojax.experiments.base import (
     model_kwargs,
     option,
     override,
+    stream_keys,
 )
 from lottojax.experiments.plots import figure, save
 from lottojax.experiments.store import mean_std, open_run, stats, write_results
@@ -58,7 +59,7 @@ from lottojax.masks import apply_mask, ones_like
 from lottojax.optim import set_mask
 from lottojax.prune import prune_global, prune_layerwise
 from lottojax.scores import magnitude
-from lottojax.seeds import device_count, gather, pad_seeds, put_seeded, seed_keys
+from lottojax.seeds import gather, put_seeded
 from lottojax.timing import interleaved
 from lottojax.train import TrainState, make_trainer
 
@@ -223,9 +224,7 @@ def run_early_bird(config: EarlyBirdConfig, root: str = "runs", *, progress: boo
         search_trainer = trainer_for(search_model, config.penalty)
 
         n = len(config.seeds)
-        slots = pad_seeds(config.seeds, device_count(config.devices))  # padded to a multiple of the devices
-        init_keys, data_keys, reinit_keys = (put_seeded(seed_keys(slots, s), config.devices, stacked=True)
-                                             for s in ("init", "data", "control"))
+        init_keys, data_keys, reinit_keys = stream_keys(config, "init", "data", "control")
         one_params = jax.eval_shape(model.init, init_keys[0])[0]
         mask_fn = _mask_fn(config, one_params)
         detection = dict(mask_fn=mask_fn, ratios=config.ratios, window=config.window, eps=config.eps)

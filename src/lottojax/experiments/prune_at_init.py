@@ -36,13 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lottojax.checkpoint import write_json
-from lottojax.experiments.base import ConfigError, ExperimentConfig, build, option
+from lottojax.experiments.base import ConfigError, ExperimentConfig, build, option, over_seeds, stream_keys
 from lottojax.experiments.plots import density_axis, figure, save
 from lottojax.experiments.store import open_run, stats, write_results
 from lottojax.imp import run_imp
 from lottojax.masks import PyTree, leaves_with_paths, ones_like, prunable_flags
 from lottojax.methods import METHODS, ScoreContext, get_method, prune_with
-from lottojax.seeds import device_count, gather, map_seeds, pad_seeds, put_seeded, seed_keys
+from lottojax.seeds import gather, put_seeded
 from lottojax.train import early_stop
 
 
@@ -167,17 +167,12 @@ def _method_runner(config: PruneAtInitConfig, setup, *, keep_density: np.ndarray
     record are ``(levels, seeds)``."""
     model, trainer, data = setup.model, setup.trainer, setup.data
     n = len(config.seeds)
-    slots = pad_seeds(config.seeds, device_count(config.devices))
-    init_keys, data_keys, mask_keys = (put_seeded(seed_keys(slots, s), config.devices, stacked=True)
-                                       for s in ("init", "data", "mask"))
+    init_keys, data_keys, mask_keys = stream_keys(config, "init", "data", "mask")
     data = put_seeded(data, config.devices, stacked=False)
     one_params = jax.eval_shape(model.init, jax.random.key(0))[0]
     flags = prunable_flags(one_params)
     total = prunable_size(one_params)
     keep = jnp.asarray(np.round(keep_density.astype(np.float64) * total).astype(np.int32))
-    over_seeds = lambda fn, in_axes: jax.jit(map_seeds(fn, in_axes=in_axes, strategy=config.seed_strategy,
-                                                        devices=config.devices))
-
     input_shape, num_classes = data.input_shape, data.num_classes  # static: read outside the traced program
 
     def context(state, data):
@@ -201,7 +196,7 @@ def _method_runner(config: PruneAtInitConfig, setup, *, keep_density: np.ndarray
     def run(name: str) -> dict:
         start = time.perf_counter()
         method = config.method(name)
-        masks, record = over_seeds(lambda *a: one_seed(method, *a), (0, 0, 0, None, None))(
+        masks, record = over_seeds(config, lambda *a: one_seed(method, *a), (0, 0, 0, None, None))(
             init_keys, data_keys, mask_keys, keep, data)
         record = jax.tree.map(lambda x: np.swapaxes(np.asarray(x)[:n], 0, 1), gather(record))  # (levels, seeds)
         leaves = [np.asarray(m)[:n] for m, f in zip(jax.tree.leaves(gather(masks)), flags) if f]

@@ -44,13 +44,14 @@ import jax
 import numpy as np
 
 from lottojax.checkpoint import write_json
-from lottojax.experiments.base import ConfigError, ExperimentConfig, Setup, build, learning_rate_schedule, make_optimizer, option
+from lottojax.experiments.base import (ConfigError, ExperimentConfig, Setup, build, learning_rate_schedule,
+                                       make_optimizer, option, over_seeds, stream_keys)
 from lottojax.experiments.plots import density_axis, figure, save
 from lottojax.experiments.store import open_run, stats, write_results
 from lottojax.imp import run_imp
 from lottojax.masks import PyTree, leaves_with_paths, prunable_flags
 from lottojax.optim import get_mask
-from lottojax.seeds import device_count, gather, map_seeds, pad_seeds, put_seeded, seed_keys
+from lottojax.seeds import gather, put_seeded
 from lottojax.sparse_training import cosine_drop_fraction, cubic, get_sparse_method, one_shot, periodic, sparse_training
 from lottojax.straight_through import ste_mask, ste_model
 from lottojax.train import make_trainer
@@ -271,8 +272,7 @@ def _seed_trainer(config: SparseTrainingConfig, data) -> Callable:
     """``(trainer, final_mask) -> (accuracy, masks)`` for every seed: each seed's own
     ``init`` and ``data`` key streams (the ones IMP uses), ``num_steps`` steps."""
     n = len(config.seeds)
-    slots = pad_seeds(config.seeds, device_count(config.devices))
-    init_keys, data_keys = (put_seeded(seed_keys(slots, s), config.devices, stacked=True) for s in ("init", "data"))
+    init_keys, data_keys = stream_keys(config, "init", "data")
     data = put_seeded(data, config.devices, stacked=False)
 
     def train(trainer, final_mask):
@@ -280,8 +280,7 @@ def _seed_trainer(config: SparseTrainingConfig, data) -> Callable:
             state, history = trainer.train(trainer.init(init_key), data, data_key, start=0, num_steps=config.num_steps)
             return history.test_accuracy[-1], final_mask(state)
 
-        run = jax.jit(map_seeds(one_seed, in_axes=(0, 0, None), strategy=config.seed_strategy, devices=config.devices))
-        accuracy, masks = gather(run(init_keys, data_keys, data))
+        accuracy, masks = gather(over_seeds(config, one_seed, (0, 0, None))(init_keys, data_keys, data))
         return np.asarray(accuracy)[:n], jax.tree.map(lambda m: np.asarray(m)[:n], masks)
 
     return train

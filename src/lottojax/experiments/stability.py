@@ -33,12 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lottojax.checkpoint import Checkpointer
-from lottojax.experiments.base import ConfigError, ExperimentConfig, Setup, build, load_dataset, option, override
+from lottojax.experiments.base import (ConfigError, ExperimentConfig, Setup, build, load_dataset, option, override,
+                                       seed_slots, stream_keys)
 from lottojax.experiments.plots import density_axis, figure, save
 from lottojax.experiments.store import mean_std, open_run, stats, write_results
 from lottojax.imp import ARMS, CONTROLS, run_imp
 from lottojax.masks import ones_like
-from lottojax.seeds import device_count, gather, map_seeds, pad_seeds, put_seeded, seed_keys
+from lottojax.seeds import gather, map_seeds, put_seeded
 from lottojax.stability import instability, recompute_batch_stats
 
 
@@ -200,10 +201,9 @@ def _one_rewind_step(config: StabilityConfig, setup: Setup, k: int, workdir: str
                   prunable=_prunable(config), seed_strategy=config.seed_strategy, devices=config.devices,
                   checkpoint_dir=os.path.join(workdir, f"imp-k{k}"), progress=progress)
     n = len(config.seeds)
-    slots = pad_seeds(config.seeds, device_count(config.devices))  # the padding repeats the last seed
-    owner = np.minimum(np.arange(len(slots)), n - 1)
+    owner = np.minimum(np.arange(len(seed_slots(config))), n - 1)  # the padding repeats the last seed
     padded = lambda tree: put_seeded(jax.tree.map(lambda x: np.asarray(x)[owner], tree), config.devices, stacked=True)
-    copy_keys = put_seeded(seed_keys(slots, "copies"), config.devices, stacked=True)
+    (copy_keys,) = stream_keys(config, "copies")
     # θ_k is IMP's own rewind state: the same network the tickets are rewound to, not retrained.
     path = _instability(padded(imp.rewind_state), copy_keys, padded(imp.masks[-1]), setup.data, np.int32(k),
                         _stats_batches(setup.model, setup.data, config), config=config, trainer=setup.trainer,
