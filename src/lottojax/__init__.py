@@ -18,6 +18,7 @@ from lottojax.early_bird import (
     slimming_penalty,
     weight_mask,
 )
+from lottojax.jackpots import jackpot_init, make_searcher, restriction_rate, short_restriction
 from lottojax.masks import apply_mask, check_mask, density, format_report, layer_report, ones_like, sparsity
 from lottojax.methods import METHODS, PruningMethod, ScoreContext, get_method, prune_with
 from lottojax.optim import MaskedUpdatesState, get_mask, mask_state, masked_updates, set_mask
@@ -76,10 +77,12 @@ __all__ = [
     "hamming_distance",
     "instability",
     "interpolate",
+    "jackpot_init",
     "layer_densities",
     "layer_report",
     "load_ticket",
     "magnitude",
+    "make_searcher",
     "map_seeds",
     "mask_distance_matrix",
     "mask_state",
@@ -96,9 +99,11 @@ __all__ = [
     "random_scores",
     "rates_by_layer",
     "recompute_batch_stats",
+    "restriction_rate",
     "rewind",
     "save_ticket",
     "set_mask",
+    "short_restriction",
     "shuffle_mask",
     "slimming_penalty",
     "snip",

@@ -8,6 +8,7 @@ plotting (:mod:`~lottojax.experiments.plots`) and the command line
 """
 from lottojax.experiments.base import ConfigError, ExperimentConfig, Setup, build, make_optimizer
 from lottojax.experiments.early_bird import EarlyBirdConfig, eb_table, run_early_bird
+from lottojax.experiments.jackpots import JackpotConfig, jackpot_table, run_jackpots
 from lottojax.experiments.lottery import LotteryConfig, imp_table, load_lottery, run_lottery
 from lottojax.experiments.stability import (
     CNN1DStabilityConfig,
@@ -16,6 +17,7 @@ from lottojax.experiments.stability import (
     run_stability,
     stability_table,
 )
+from lottojax.experiments.sparse_training import SparseTrainingConfig, run_sparse_training, sparse_training_table
 from lottojax.experiments.store import mean_std, stats
 
 __all__ = [
@@ -23,19 +25,25 @@ __all__ = [
     "ConfigError",
     "EarlyBirdConfig",
     "ExperimentConfig",
+    "JackpotConfig",
     "LotteryConfig",
     "Setup",
+    "SparseTrainingConfig",
     "StabilityConfig",
     "StabilityResult",
     "build",
     "eb_table",
     "imp_table",
+    "jackpot_table",
     "load_lottery",
     "make_optimizer",
     "mean_std",
     "run_early_bird",
+    "run_jackpots",
     "run_lottery",
+    "run_sparse_training",
     "run_stability",
+    "sparse_training_table",
     "stability_table",
     "stats",
 ]
