@@ -13,6 +13,7 @@ from lottojax.models.cnn1d import CNN1D
 from lottojax.models.conv import ConvNet
 from lottojax.models.convolution import Conv, conv, max_pool
 from lottojax.models.core import Model, from_linen
+from lottojax.models.grok import GrokMLP, GrokTransformer
 from lottojax.models.mlp import MLP
 from lottojax.models.registry import MODEL_NAMES, create
 from lottojax.models.resnet import BasicBlock, ResNet
@@ -23,6 +24,8 @@ __all__ = [
     "CNN1D",
     "Conv",
     "ConvNet",
+    "GrokMLP",
+    "GrokTransformer",
     "MLP",
     "MODEL_NAMES",
     "Model",
