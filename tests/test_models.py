@@ -204,12 +204,14 @@ def test_resnet20_layer_names():
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_every_model_maps_a_batch_to_logits(name):
-    shape = {"mlp": (40,), "cnn1d": (40,), "lenet300100": (28, 28, 1)}.get(name, CIFAR)
+    shape = {"mlp": (40,), "cnn1d": (40,), "lenet300100": (28, 28, 1), "grok-mlp": (2,),
+             "grok-transformer": (2,)}.get(name, CIFAR)
+    dtype = jnp.int32 if name.startswith("grok") else jnp.float32  # the grokking nets read token ids
     model = create(name, input_shape=shape, num_classes=7)
     params, state = shapes(model)
     for train in (False, True):
         apply = lambda p, s, x: model.apply(p, s, x, train)  # noqa: E731 (train is static)
-        logits, new_state = jax.eval_shape(apply, params, state, jnp.zeros((2, *shape)))
+        logits, new_state = jax.eval_shape(apply, params, state, jnp.zeros((2, *shape), dtype))
         assert logits.shape == (2, 7)
         assert jax.tree.structure(new_state) == jax.tree.structure(state)
 
@@ -271,7 +273,8 @@ def test_create_rejects_unknown_names_and_arguments():
     for name in MODEL_NAMES:
         assert name in str(info.value)
     assert set(MODEL_NAMES) == {
-        "mlp", "lenet300100", "conv2", "conv4", "conv6", "cnn1d", "vgg11", "vgg16", "resnet20"
+        "mlp", "lenet300100", "conv2", "conv4", "conv6", "cnn1d", "vgg11", "vgg16", "resnet20", "grok-mlp",
+        "grok-transformer",
     }
     with pytest.raises(TypeError):
         create("mlp", input_shape=(40,), depth=3)
