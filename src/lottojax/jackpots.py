@@ -72,7 +72,7 @@ from lottojax.masks import (
 from lottojax.models.core import Model
 from lottojax.prune import lowest_alive
 from lottojax.straight_through import straight_through
-from lottojax.train import Metrics, cross_entropy, make_trainer
+from lottojax.train import Metrics, cross_entropy, make_trainer, minibatch_scan
 
 #: The starting scores of :func:`jackpot_init` (§4 step 2): kept entries, pruned entries.
 KEPT_SCORE = 1.0
@@ -575,25 +575,7 @@ def make_searcher(
                               step=state.step + 1), value
 
     def run_steps(state: SearchState, data, key: jax.Array, start, num_steps: int):
-        n_train = data.x_train.shape[0]
-        steps_per_epoch = n_train // batch_size
-        if steps_per_epoch == 0:
-            raise ValueError(f"batch_size={batch_size} exceeds the {n_train} training examples")
-
-        def epoch_order(global_step):
-            return jax.random.permutation(jax.random.fold_in(key, global_step // steps_per_epoch), n_train)
-
-        def body(carry, global_step):
-            state, order = carry
-            position = global_step % steps_per_epoch
-            order = jax.lax.cond((position == 0) | (global_step == start), epoch_order, lambda _: order, global_step)
-            idx = jax.lax.dynamic_slice_in_dim(order, position * batch_size, batch_size)
-            state, value = step(state, jnp.asarray(data.x_train)[idx], jnp.asarray(data.y_train)[idx])
-            return (state, order), value
-
-        steps = start + jnp.arange(num_steps, dtype=jnp.int32)
-        (state, _), losses = jax.lax.scan(body, (state, jnp.zeros(n_train, jnp.int32)), steps)
-        return state, losses
+        return minibatch_scan(step, state, data, key, start, num_steps, batch_size=batch_size)
 
     def evaluate(state: SearchState, x: jax.Array, y: jax.Array) -> Metrics:
         weights = apply_mask(state.params, state.mask)

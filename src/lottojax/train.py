@@ -94,6 +94,41 @@ class Trainer(NamedTuple):
     apply: Callable[..., tuple[jax.Array, PyTree]]  # the model's ``(params, model_state, x, train)``
 
 
+def minibatch_scan(step: Callable, state, data, key: jax.Array, start, num_steps: int, *, batch_size: int,
+                   until=None):
+    """``num_steps`` calls of ``step(state, x, y) -> (state, loss)`` on minibatches of the
+    training split, as one ``lax.scan``, from global step ``start``: every epoch is a fresh
+    permutation keyed by ``fold_in(key, epoch)``, so the order depends only on the global
+    step. Steps at or past ``until`` (if given) leave the state as it is. Returns the final
+    state and the losses. Every training loop of lottojax (the trainer's, the Jackpot
+    search's) runs on it.
+    """
+    n_train = data.x_train.shape[0]
+    steps_per_epoch = n_train // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size={batch_size} exceeds the {n_train} training examples")
+
+    def epoch_order(global_step):
+        return jax.random.permutation(jax.random.fold_in(key, global_step // steps_per_epoch), n_train)
+
+    def body(carry, global_step):
+        state, order = carry
+        position = global_step % steps_per_epoch
+        order = jax.lax.cond(
+            (position == 0) | (global_step == start), epoch_order, lambda _: order, global_step
+        )
+        idx = jax.lax.dynamic_slice_in_dim(order, position * batch_size, batch_size)
+        new_state, value = step(state, jnp.asarray(data.x_train)[idx], jnp.asarray(data.y_train)[idx])
+        if until is not None:
+            new_state = jax.tree.map(lambda n, o: jnp.where(global_step < until, n, o), new_state, state)
+        return (new_state, order), value
+
+    steps = start + jnp.arange(num_steps, dtype=jnp.int32)
+    first_order = jnp.zeros(n_train, jnp.int32)  # filled at the first step
+    (state, _), losses = jax.lax.scan(body, (state, first_order), steps)
+    return state, losses
+
+
 def make_trainer(
     model: Model,
     optimizer: optax.GradientTransformation,
@@ -158,31 +193,7 @@ def make_trainer(
         return TrainState(params, model_state, opt_state, state.step + 1), value
 
     def run_steps(state: TrainState, data, key: jax.Array, start, num_steps: int, until=None):
-        n_train = data.x_train.shape[0]
-        steps_per_epoch = n_train // batch_size
-        if steps_per_epoch == 0:
-            raise ValueError(f"batch_size={batch_size} exceeds the {n_train} training examples")
-
-        def epoch_order(global_step):
-            return jax.random.permutation(jax.random.fold_in(key, global_step // steps_per_epoch), n_train)
-
-        def body(carry, global_step):
-            state, order = carry
-            position = global_step % steps_per_epoch
-            order = jax.lax.cond(
-                (position == 0) | (global_step == start), epoch_order, lambda _: order, global_step
-            )
-            idx = jax.lax.dynamic_slice_in_dim(order, position * batch_size, batch_size)
-            new_state, value = step(state, data.x_train[idx], data.y_train[idx])
-            if until is not None:  # steps at or past `until` leave the state as it is
-                new_state = jax.tree.map(lambda n, o: jnp.where(global_step < until, n, o), new_state, state)
-            state = new_state
-            return (state, order), value
-
-        steps = start + jnp.arange(num_steps, dtype=jnp.int32)
-        first_order = jnp.zeros(n_train, jnp.int32)  # filled at the first step
-        (state, _), losses = jax.lax.scan(body, (state, first_order), steps)
-        return state, losses
+        return minibatch_scan(step, state, data, key, start, num_steps, batch_size=batch_size, until=until)
 
     def evaluate(params: PyTree, model_state: PyTree, x: jax.Array, y: jax.Array) -> Metrics:
         n = x.shape[0]
