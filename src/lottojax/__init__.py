@@ -18,6 +18,7 @@ from lottojax.early_bird import (
     slimming_penalty,
     weight_mask,
 )
+from lottojax.grokking import params_norm, precise_cross_entropy, scale_to_norm, steps_to_threshold, train_curves
 from lottojax.jackpots import jackpot_init, make_searcher, restriction_rate, short_restriction
 from lottojax.masks import apply_mask, check_mask, density, format_report, layer_report, ones_like, sparsity
 from lottojax.methods import METHODS, PruningMethod, ScoreContext, get_method, prune_with
@@ -89,7 +90,9 @@ __all__ = [
     "masked_updates",
     "one_shot",
     "ones_like",
+    "params_norm",
     "periodic",
+    "precise_cross_entropy",
     "prune_channels",
     "prune_global",
     "prune_layerwise",
@@ -102,6 +105,7 @@ __all__ = [
     "restriction_rate",
     "rewind",
     "save_ticket",
+    "scale_to_norm",
     "set_mask",
     "short_restriction",
     "shuffle_mask",
@@ -113,8 +117,10 @@ __all__ = [
     "ste_mask",
     "ste_model",
     "ste_params",
+    "steps_to_threshold",
     "straight_through",
     "synflow",
     "synflow_mask",
+    "train_curves",
     "weight_mask",
 ]

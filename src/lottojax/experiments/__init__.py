@@ -8,6 +8,7 @@ plotting (:mod:`~lottojax.experiments.plots`) and the command line
 """
 from lottojax.experiments.base import ConfigError, ExperimentConfig, Setup, build, make_optimizer
 from lottojax.experiments.early_bird import EarlyBirdConfig, eb_table, run_early_bird
+from lottojax.experiments.grokking import GrokkingConfig, grokking_table, run_grokking
 from lottojax.experiments.jackpots import JackpotConfig, jackpot_table, run_jackpots
 from lottojax.experiments.lottery import LotteryConfig, imp_table, load_lottery, run_lottery
 from lottojax.experiments.stability import (
@@ -25,6 +26,7 @@ __all__ = [
     "ConfigError",
     "EarlyBirdConfig",
     "ExperimentConfig",
+    "GrokkingConfig",
     "JackpotConfig",
     "LotteryConfig",
     "Setup",
@@ -33,12 +35,14 @@ __all__ = [
     "StabilityResult",
     "build",
     "eb_table",
+    "grokking_table",
     "imp_table",
     "jackpot_table",
     "load_lottery",
     "make_optimizer",
     "mean_std",
     "run_early_bird",
+    "run_grokking",
     "run_jackpots",
     "run_lottery",
     "run_sparse_training",
