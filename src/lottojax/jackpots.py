@@ -72,7 +72,7 @@ from lottojax.masks import (
 from lottojax.models.core import Model
 from lottojax.prune import lowest_alive
 from lottojax.straight_through import straight_through
-from lottojax.train import Metrics, cross_entropy, make_trainer, minibatch_scan
+from lottojax.train import Metrics, cross_entropy, make_trainer, minibatch_scan, scan_periods
 
 #: The starting scores of :func:`jackpot_init` (§4 step 2): kept entries, pruned entries.
 KEPT_SCORE = 1.0
@@ -597,12 +597,6 @@ def make_searcher(
                                 val.accuracy, test.loss, test.accuracy, overlap(state))
             return state, row
 
-        full, rest = divmod(num_steps, eval_every)
-        starts = start + eval_every * jnp.arange(full, dtype=jnp.int32)
-        state, history = jax.lax.scan(lambda s, p: period(s, p, eval_every), state, starts)
-        if rest:
-            state, last = period(state, start + full * eval_every, rest)
-            history = jax.tree.map(lambda rows, row: jnp.concatenate([rows, row[None]]), history, last)
-        return state, history
+        return scan_periods(period, state, start, num_steps, eval_every=eval_every)
 
     return Searcher(init, step, run_steps, evaluate, search, overlap)

@@ -129,6 +129,20 @@ def minibatch_scan(step: Callable, state, data, key: jax.Array, start, num_steps
     return state, losses
 
 
+def scan_periods(period: Callable, state, start, num_steps: int, *, eval_every: int):
+    """Steps ``[start, start + num_steps)`` in periods of ``eval_every`` (the last one may be
+    shorter): ``period(state, period_start, length) -> (state, row)``, one ``lax.scan`` over
+    the full periods. Returns the final state and the rows stacked (one per evaluation).
+    """
+    full, rest = divmod(num_steps, eval_every)
+    starts = start + eval_every * jnp.arange(full, dtype=jnp.int32)
+    state, history = jax.lax.scan(lambda s, p: period(s, p, eval_every), state, starts)
+    if rest:
+        state, last = period(state, start + full * eval_every, rest)
+        history = jax.tree.map(lambda rows, row: jnp.concatenate([rows, row[None]]), history, last)
+    return state, history
+
+
 def make_trainer(
     model: Model,
     optimizer: optax.GradientTransformation,
@@ -222,12 +236,6 @@ def make_trainer(
             row = History(end, jnp.mean(losses), val.loss, val.accuracy, test.loss, test.accuracy)
             return state, row
 
-        full, rest = divmod(num_steps, eval_every)
-        starts = start + eval_every * jnp.arange(full, dtype=jnp.int32)
-        state, history = jax.lax.scan(lambda s, p: period(s, p, eval_every), state, starts)
-        if rest:
-            state, last = period(state, start + full * eval_every, rest)
-            history = jax.tree.map(lambda rows, row: jnp.concatenate([rows, row[None]]), history, last)
-        return state, history
+        return scan_periods(period, state, start, num_steps, eval_every=eval_every)
 
     return Trainer(init, step, run_steps, evaluate, train, model.apply)
