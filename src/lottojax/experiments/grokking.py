@@ -62,6 +62,8 @@ from lottojax.checkpoint import load_arrays, save_arrays
 from lottojax.data.modular import OPS, modular_arithmetic
 from lottojax.experiments.base import (
     ConfigError,
+    over_seeds,
+    stream_keys,
     ExperimentConfig,
     check_fields,
     learning_rate_schedule,
@@ -75,7 +77,7 @@ from lottojax.grokking import NEVER, params_norm, precise_cross_entropy, scale_t
 from lottojax.masks import PyTree, apply_mask, ones_like
 from lottojax.methods import ScoreContext, get_method, prune_with
 from lottojax.optim import masked_updates
-from lottojax.seeds import device_count, gather, map_seeds, pad_seeds, put_seeded, seed_keys
+from lottojax.seeds import gather, put_seeded
 from lottojax.train import cross_entropy, make_trainer
 
 MODELS = ("grok-mlp", "grok-transformer")
@@ -328,15 +330,13 @@ def run_grokking(config: GrokkingConfig, root: str = "runs", *, progress: bool =
         setup = build_grokking(config)
         programs = _programs(config, setup)
         n = len(config.seeds)
-        slots = pad_seeds(config.seeds, device_count(config.devices))
-        keys = [put_seeded(seed_keys(slots, s), config.devices, stacked=True) for s in ("init", "data", "mask")]
+        keys = stream_keys(config, "init", "data", "mask")
         data = put_seeded(setup.data, config.devices, stacked=False)
         os.makedirs(os.path.join(workdir, "arms"), exist_ok=True)
         records: dict[str, dict] = {}
         dense_masks = None
         for name in config.arm_names():
-            program = jax.jit(map_seeds(programs[name], in_axes=(0, 0, 0, 0, None), strategy=config.seed_strategy,
-                                        devices=config.devices))
+            program = over_seeds(config, programs[name], (0, 0, 0, 0, None))
             masks_in = {} if name == "dense" else dense_masks
             path = os.path.join(workdir, "arms", f"{name}.npz")
             template = {"record": jax.eval_shape(program, *keys, masks_in, data), "seconds": 0.0}
