@@ -20,7 +20,7 @@ Everything here is pure and jittable and works on any pytree (no Flax):
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -301,10 +301,13 @@ def weight_mask(params: PyTree, ratio, *, scope: str = "global", prunable: Spec 
 
 
 class SlimmingPenaltyState(NamedTuple):
-    """:func:`slimming_penalty` is stateless."""
+    """:func:`slimming_penalty`'s state: the number of updates so far (the schedule's step)."""
+
+    count: jax.Array
 
 
-def slimming_penalty(strength: float = 1e-4, *, select: Spec = None) -> optax.GradientTransformation:
+def slimming_penalty(strength: Union[float, Callable[[jax.Array], jax.Array]] = 1e-4, *, select: Spec = None,
+                     layer_weights: Optional[Mapping[str, float]] = None) -> optax.GradientTransformation:
     """Network slimming's L1 penalty on BatchNorm scales: adds ``strength * sign(gamma)`` to
     the gradient of every selected scale and leaves every other gradient unchanged.
 
@@ -312,8 +315,13 @@ def slimming_penalty(strength: float = 1e-4, *, select: Spec = None) -> optax.Gr
     rate), as the reference code adds it to ``.grad`` before ``optimizer.step()``.
 
     Args:
-      strength: ``s`` (the paper uses 1e-4).
+      strength: ``s`` (the paper uses 1e-4), or a schedule ``step -> s`` (an optax schedule,
+        e.g. ``optax.linear_schedule(0, rho, warmup)``: SuperTickets ramps its penalty up).
       select: which leaves are BatchNorm scales (default :func:`is_bn_scale`).
+      layer_weights: a weight per selected leaf, by path (``'bn0/scale' -> π``): the penalty
+        of that leaf is ``s * π * sign(gamma)`` (SuperTickets weights each layer by its share
+        of the FLOPs, :func:`lottojax.supertickets.flops_weights`). Every selected leaf needs
+        one. ``None``: weight 1.
 
     Examples:
       >>> import optax
@@ -323,21 +331,34 @@ def slimming_penalty(strength: float = 1e-4, *, select: Spec = None) -> optax.Gr
       >>> updates['bn0']['scale'].tolist(), updates['bn0']['bias'].tolist()
       ([-0.10000000149011612, 0.10000000149011612, 0.0], [0.0, 0.0, 0.0])
     """
-    if float(strength) < 0:
+    if not callable(strength) and float(strength) < 0:
         raise ValueError(f"strength={strength} must be >= 0")
+    schedule = strength if callable(strength) else (lambda step: strength)
+
+    def weights_of(params) -> list[float]:
+        flags = _selected(params, select, "slimming_penalty")
+        paths = leaves_with_paths(params)[0]
+        if layer_weights is None:
+            return [1.0 if f else 0.0 for f in flags]
+        picked = [p for p, f in zip(paths, flags) if f]
+        missing, unknown = set(picked) - set(layer_weights), set(layer_weights) - set(picked)
+        if missing or unknown:
+            raise ValueError(f"slimming_penalty: layer_weights must name every selected leaf and nothing else; "
+                             f"missing {sorted(missing)}, not selected {sorted(unknown)} (selected: {picked})")
+        return [float(layer_weights[p]) if f else 0.0 for p, f in zip(paths, flags)]
 
     def init(params):
-        _selected(params, select, "slimming_penalty")
-        return SlimmingPenaltyState()
+        weights_of(params)
+        return SlimmingPenaltyState(count=jnp.zeros((), jnp.int32))
 
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("slimming_penalty needs params: call tx.update(grads, state, params)")
         check_same_shapes(params, updates, a_name="params", b_name="updates")
-        flags = _selected(params, select, "slimming_penalty")
+        s = schedule(state.count)
         leaves, treedef = jax.tree.flatten(updates)
-        new = [g + strength * jnp.sign(p).astype(g.dtype) if f else g
-               for g, p, f in zip(leaves, jax.tree.leaves(params), flags)]
-        return jax.tree.unflatten(treedef, new), state
+        new = [g + (s * w * jnp.sign(p)).astype(g.dtype) if w else g
+               for g, p, w in zip(leaves, jax.tree.leaves(params), weights_of(params))]
+        return jax.tree.unflatten(treedef, new), SlimmingPenaltyState(count=state.count + 1)
 
     return optax.GradientTransformation(init, update)

@@ -1,0 +1,93 @@
+"""SuperTickets pieces: the pruning schedule's values, exact global density after each
+pruning event, the FLOPs-weighted and warmed-up slimming penalty's gradient ρ(t)·π_l·sign(γ),
+channel removal by |γ| and its running average, and mask reactivation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lottojax as lj
+from lottojax.early_bird import slimming_penalty
+from lottojax.masks import leaves_with_paths
+from lottojax.models import create
+from lottojax.supertickets import (flops_weights, pruning_sparsity, rebuilt_mask, removable_channels,
+                                   update_scale_averages)
+
+
+def test_pruning_schedule_values_python_and_traced():
+    expected = [0.0, 0.0] + [0.1] * 3 + [0.2] * 3 + [0.3] * 3 + [0.4]  # one step per 3 epochs, from epoch 2
+    assert [pruning_sparsity(e, every=3, step=0.1, target=0.9) for e in range(12)] == pytest.approx(expected)
+    traced = jax.jit(lambda e: pruning_sparsity(e, every=3, step=0.1, target=0.9))(jnp.arange(12))
+    np.testing.assert_allclose(traced, expected, rtol=1e-6)
+    assert pruning_sparsity(41, every=3, step=0.1, target=0.9) == 0.9  # 14 events, capped
+    assert pruning_sparsity(24, every=25, step=0.1, target=0.5) == 0.1  # the reference's 25-epoch steps
+    with pytest.raises(ValueError, match="every=0"):
+        pruning_sparsity(3, every=0, step=0.1, target=0.9)
+
+
+def test_exact_global_density_after_each_pruning_event():
+    net = create("cnn1d", input_shape=(40,), num_classes=10, channels=(8, 8))
+    params = net.init(jax.random.key(0))[0]
+    prunable = lambda path, leaf: path.endswith("kernel")
+    total = sum(int(np.prod(x.shape)) for p, x in zip(*leaves_with_paths(params)[:2]) if p.endswith("kernel"))
+    mask = lj.ones_like(params)
+    for epoch in range(12):
+        sparsity = pruning_sparsity(epoch, every=3, step=0.1, target=0.9)
+        mask = lj.prune_global(lj.magnitude(params), lj.ones_like(params), sparsity, prunable=prunable)
+        kept = sum(int(m.sum()) for p, m in zip(*leaves_with_paths(mask)[:2]) if p.endswith("kernel"))
+        assert kept == total - round(sparsity * total), epoch
+
+
+def test_flops_weighted_warmed_up_penalty_gradient_is_rho_t_pi_sign_gamma():
+    params = {"bn0": {"scale": jnp.array([0.5, -2.0, 0.0]), "bias": jnp.ones(3)},
+              "bn1": {"scale": jnp.array([-1.0, 3.0]), "bias": jnp.ones(2)}}
+    weights = {"bn0/scale": 0.25, "bn1/scale": 0.5}
+    rho = optax.linear_schedule(0.0, 0.2, transition_steps=4)
+    tx = slimming_penalty(rho, layer_weights=weights)
+    state = tx.init(params)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    update = jax.jit(tx.update)
+    for t in range(6):
+        updates, state = update(zero, state, params)
+        r = 0.2 * min(t, 4) / 4
+        np.testing.assert_allclose(updates["bn0"]["scale"], r * 0.25 * np.array([1, -1, 0]), rtol=1e-6)
+        np.testing.assert_allclose(updates["bn1"]["scale"], r * 0.5 * np.array([-1, 1]), rtol=1e-6)
+        assert float(jnp.abs(updates["bn0"]["bias"]).sum()) == 0.0
+    # The same gradient as autodiff of ρ Σ_l π_l Σ|γ_l| (γ away from 0).
+    penalty = lambda p: 0.2 * sum(w * jnp.abs(p[k.split("/")[0]]["scale"]).sum() for k, w in weights.items())
+    grads = jax.grad(penalty)(params)
+    np.testing.assert_allclose(updates["bn1"]["scale"], grads["bn1"]["scale"], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"missing \['bn1/scale'\]"):
+        slimming_penalty(0.1, layer_weights={"bn0/scale": 1.0}).init(params)
+
+
+def test_flops_weights_are_each_layers_per_channel_share():
+    net = create("cnn1d", input_shape=(40,), num_classes=10, channels=(4, 8, 2))
+    params = net.init(jax.random.key(0))[0]
+    w = flops_weights(params, "cnn1d", input_shape=(40,), channels=(4, 8, 2))
+    # lengths 40 -> 20 -> 10 -> 5; conv FLOPs 2*k*cin*cout*L; output 2*(5*2)*10
+    conv = [2 * 5 * 1 * 4 * 20, 2 * 5 * 4 * 8 * 10, 2 * 5 * 8 * 2 * 5]
+    total = sum(conv) + 2 * 10 * 10
+    assert w == pytest.approx({f"bn{i}/scale": c / width / total for i, (c, width) in enumerate(zip(conv, (4, 8, 2)))})
+
+
+def test_channel_removal_needs_both_gamma_and_its_average_small():
+    params = {"bn0": {"scale": jnp.array([1.0, 0.5, 0.5, 0.5]), "bias": jnp.zeros(4)}}
+    averages = update_scale_averages(None, params)
+    for _ in range(3):  # γ of channels 1 and 2 collapse; their averages decay more slowly
+        params["bn0"]["scale"] = jnp.array([1.0, 0.0, 0.0, 0.5])
+        averages = update_scale_averages(averages, params, decay=0.1)
+    averages["bn0/scale"] = averages["bn0/scale"].at[2].set(0.01)  # channel 2's average still above 1e-3
+    keep = removable_channels(params, averages, threshold=1e-3)["bn0/scale"]
+    assert keep.tolist() == [True, False, True, True]
+    dead = {"bn0": {"scale": jnp.zeros(4).at[3].set(1e-5), "bias": jnp.zeros(4)}}
+    assert removable_channels(dead, update_scale_averages(None, dead))["bn0/scale"].tolist() == [False] * 3 + [True]
+    with pytest.raises(ValueError, match="rebuilt"):
+        update_scale_averages({"bn0/scale": jnp.zeros(3)}, params)
+
+
+def test_rebuilt_masks_reactivate_or_keep():
+    shrunk = {"conv0": {"kernel": jnp.array([[True, False]])}}
+    assert bool(rebuilt_mask(shrunk, reactivate=True)["conv0"]["kernel"].all())
+    assert rebuilt_mask(shrunk, reactivate=False) is shrunk
