@@ -10,6 +10,7 @@ import pytest
 
 from lottojax.experiments.base import ConfigError
 from lottojax.experiments.early_bird import EarlyBirdConfig, eb_table, run_early_bird
+from lottojax.experiments.metrics import read_metrics
 
 CONFIG = EarlyBirdConfig(
     model="vgg11", widths=(6,) * 8, dataset="tfds:cifar10", validation=8, epochs=3,
@@ -46,6 +47,12 @@ def test_cifar10_vgg_pipeline_on_mock_data_and_resume(tmp_path):
     distances = np.load(os.path.join(workdir, "results.npz"))["distance_matrix"]
     assert distances.shape == (1, 1, 3, 3) and np.all(np.diagonal(distances, axis1=2, axis2=3) == 0)
     assert "0.5" in eb_table(summary)
+    # Per-epoch metrics: the dense run (logged per chunk, 3 epochs), each retraining's epochs.
+    rows = read_metrics(workdir)
+    assert [(r["unit"], r["seed"]) for r in rows if r["unit"] == "dense"] == [("dense", "0")] * 3
+    assert sum(r["unit"] == "retrain-0.5-seed0-continue" for r in rows) == 1
+    reinit = [float(r["test_accuracy"]) for r in rows if r["unit"] == "retrain-0.5-seed0-reinit"]
+    assert len(reinit) == 3 and reinit[-1] == pytest.approx(row["modes"]["reinit"]["test_accuracy"]["mean"])
 
 
 @pytest.mark.parametrize(

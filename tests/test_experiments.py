@@ -13,6 +13,7 @@ import pytest
 import lottojax as lj
 from lottojax.experiments import cli
 from lottojax.experiments.lottery import LotteryConfig, load_lottery, run_lottery
+from lottojax.experiments.metrics import read_metrics
 
 TINY = LotteryConfig(seeds=(3, 5), rounds=1, num_steps=40, eval_every=20, controls=("shuffle",))
 
@@ -95,6 +96,12 @@ def test_finished_run_loads_back_with_every_levels_ticket(tmp_path, capsys):
     assert size[0]["flops"]["masked"] == size[0]["flops"]["dense"] == 2 * kernels
     assert size[1]["flops"]["masked"] == 2 * (9600 + 24000 + 900)
     assert size[1]["flops"]["compacted"] <= size[1]["flops"]["dense"]
+    # Per-evaluation metrics: a row per level, seed, arm and evaluation, as in the history.
+    rows = read_metrics(workdir)
+    assert len(rows) == result.history.step.size
+    last = [r for r in rows if (r["unit"], r["seed"], r["arm"]) == ("level-01", "5", "shuffle")]
+    np.testing.assert_allclose([float(r["test_accuracy"]) for r in last], result.history.test_accuracy[1, 1, 1])
+    assert float(last[0]["density"]) == pytest.approx(result.density[1].mean())
 
     again, same_dir = run_lottery(TINY, str(tmp_path), progress=True)  # finished: resumes past the end
     assert same_dir == workdir and "resuming" in capsys.readouterr().out

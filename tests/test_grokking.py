@@ -14,6 +14,7 @@ from lottojax.data import load
 from lottojax.data.modular import modular_arithmetic, modular_pairs
 from lottojax.experiments.base import ConfigError
 from lottojax.experiments.grokking import ARMS, GrokkingConfig, grokking_table, run_grokking
+from lottojax.experiments.metrics import read_metrics
 from lottojax.grokking import (
     NEVER,
     Curves,
@@ -351,6 +352,9 @@ def test_experiment_outputs(experiment):
             pytest.approx(arms["synflow"]["steps_to_threshold"]["per_seed"], nan_ok=True)
     with np.load(os.path.join(workdir, "results.npz")) as saved:
         assert saved["synflow__test_accuracy"].shape == (2, 4)
+        rows = [r for r in read_metrics(workdir) if r["unit"] == "synflow"]  # per-evaluation metrics
+        assert [(int(r["seed"]), int(r["step"])) for r in rows] == [(s, t) for s in (0, 1) for t in (0, 20, 40, 60)]
+        np.testing.assert_allclose([float(r["test_accuracy"]) for r in rows], saved["synflow__test_accuracy"].ravel())
     table = grokking_table(summary)
     assert table.splitlines()[0].startswith("arm") and len(table.splitlines()) == 1 + len(arms)
     assert "steps to 30% test acc" in table

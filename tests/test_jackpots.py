@@ -358,6 +358,7 @@ def test_searcher_errors_name_the_path():
 
 
 from lottojax.experiments.jackpots import ARMS, JackpotConfig, jackpot_table, run_jackpots  # noqa: E402
+from lottojax.experiments.metrics import read_metrics  # noqa: E402
 
 TINY = JackpotConfig(widths=(32, 16), num_steps=60, eval_every=30, seeds=(0, 1), sparsities=(0.9, 0.8),
                      search_steps=20, search_batch_size=64, search_eval_every=10)
@@ -398,6 +399,14 @@ def test_experiment_outputs(experiment):
     assert lines[0].startswith("dense (pre-trained)") and sum(line.strip().startswith("search ") for line in lines) == 2
     with open(os.path.join(workdir, "table.txt")) as f:
         assert f.read().strip() == jackpot_table(summary)
+    # Per-evaluation metrics: the dense pre-training, and every arm's search curve per seed.
+    rows = read_metrics(workdir)
+    dense_rows = [r for r in rows if r["unit"] == "dense"]
+    assert [int(r["step"]) for r in dense_rows] == [30, 60] * 2
+    assert [float(r["test_accuracy"]) for r in dense_rows[1::2]] == pytest.approx(summary["dense"]["test_accuracy"]["per_seed"])
+    search = [r for r in rows if r["unit"] == "search-s90"]
+    assert [(int(r["seed"]), int(r["step"])) for r in search] == [(s, t) for s in (0, 1) for t in (0, 10, 20)]
+    assert all(0 <= float(r["overlap"]) <= 1 for r in search)
 
 
 def test_experiment_resumes_without_recomputing(experiment):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lottojax.models import create
+from lottojax.experiments.metrics import read_metrics
 from lottojax.experiments.prune_at_init import PruneAtInitConfig, input_output_paths, prune_at_init_table, run_prune_at_init
 
 # Three methods cover the three ways of building a mask (per-layer ERK fractions, one
@@ -57,6 +58,21 @@ def test_outputs_are_written_and_a_second_call_resumes(run):
     assert stamps == {m: os.path.getmtime(os.path.join(workdir, f"method-{m}.npz")) for m in METHODS_RUN}
     table = prune_at_init_table(summary)
     assert table.splitlines()[0].split() == ["density", "|", "imp", *METHODS_RUN]
+
+
+def test_metrics_log_every_imp_level_and_method_evaluation(run):
+    _, summary, workdir = run
+    rows = read_metrics(workdir)
+    units = list(dict.fromkeys(r["unit"] for r in rows))
+    assert units == [f"imp-level-{k:02d}" for k in range(max(TINY.levels) + 1)] + [f"method-{m}" for m in METHODS_RUN]
+    evals = TINY.num_steps // TINY.eval_every
+    synflow = [r for r in rows if r["unit"] == "method-synflow"]
+    assert len(synflow) == len(TINY.levels) * len(TINY.seeds) * evals
+    # The last evaluation of each (level, seed) is the final accuracy the summary reports.
+    finals = {(r["level"], r["seed"]): float(r["test_accuracy"]) for r in synflow if int(r["step"]) == TINY.num_steps}
+    for row, level in zip(summary["compared"], TINY.levels):
+        per_seed = row["methods"]["synflow"]["final_accuracy"]["per_seed"]
+        assert [finals[(str(level), str(s))] for s in TINY.seeds] == pytest.approx(per_seed)
 
 
 def test_input_output_paths_count_and_detect_collapse():

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from lottojax.experiments.metrics import read_metrics
 from lottojax.experiments.sparse_training import ARMS, SparseTrainingConfig, run_sparse_training, sparse_training_table
 
 TINY = SparseTrainingConfig(widths=(32, 16), num_steps=40, eval_every=20, seeds=(0, 1), densities=(0.5, 0.25),
@@ -55,6 +56,18 @@ def test_imp_level_zero_is_the_dense_run(run):
     dense = summary["methods"]["dense"]["records"][0]["accuracy"]["per_seed"]
     for mode in ("imp", "imp-lr", "imp-finetune"):
         assert summary["methods"][mode]["curve"][0]["accuracy"]["per_seed"] == dense
+
+
+def test_metrics_log_every_run_and_imp_level(run):
+    _, summary, workdir = run
+    rows = read_metrics(workdir)
+    units = list(dict.fromkeys(r["unit"] for r in rows))
+    assert units[0] == "dense" and "rigl-erk-0.25" in units and "ste-0.5" in units and "imp-lr-level-02" in units
+    # Each unit: every seed and evaluation; the last evaluation is the accuracy the summary reports.
+    rigl = [r for r in rows if r["unit"] == "rigl-erk-0.25"]
+    assert len(rigl) == len(TINY.seeds) * (TINY.num_steps // TINY.eval_every)
+    final = [float(r["test_accuracy"]) for r in rigl if int(r["step"]) == TINY.num_steps]
+    assert final == pytest.approx(summary["methods"]["rigl"]["records"][1]["accuracy"]["per_seed"])
 
 
 def test_outputs_are_written_and_a_second_call_resumes(run):

@@ -12,6 +12,7 @@ import pytest
 
 import lottojax.experiments.stability as sweep
 from lottojax.experiments.base import ConfigError
+from lottojax.experiments.metrics import read_metrics
 from lottojax.experiments.stability import StabilityConfig, run_stability
 
 FLAGS = dict(dataset="idx", validation=20, widths=(8,), batch_size=20, num_steps=12, eval_every=6,
@@ -83,6 +84,8 @@ def test_killed_sweep_resumes_at_the_next_rewind_step_through_the_main(idx_dir, 
     assert summary["rewind_steps"][1]["dense_barrier"]["n"] == 2
     assert set(np.load(f"{workdir}/results.npz")) >= {"dense_error", "sparse_barrier", "imp_accuracy", "arms"}
     assert (tmp_path / "runs" / workdir.split("/")[-1] / "stability.png").exists()
+    units = {r["unit"] for r in read_metrics(workdir)}  # every IMP level of every rewind step
+    assert units == {f"imp-k{k}-level-{level:02d}" for k in (0, 4) for level in range(2)}
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lottojax.checkpoint import Checkpointer, array_digest, describe, load_arrays, program_fingerprint, save_arrays
+from lottojax.checkpoint import (Checkpointer, array_digest, describe, load_arrays, load_npz, program_fingerprint,
+                                 save_arrays)
 from lottojax.masks import PyTree, Spec, apply_mask, density, leaves_with_paths, ones_like, prunable_flags, resolve_spec
 from lottojax.optim import set_mask
 from lottojax.methods import PruningMethod, ScoreContext, prune_with, resolve_method
@@ -179,7 +180,7 @@ CONTROLS = ("reinit", "shuffle")
 
 
 def _make_level(trainer: Trainer, arms, *, retrain, scope, prunable, rewind_step, num_steps, one_shot, method,
-                statics):
+                statics, on_evaluation=None):
     """The compiled program of one level for one seed (vmapped over seeds by the caller)."""
     starts = dict(ARMS, ticket=RETRAINING[retrain])
 
@@ -187,7 +188,8 @@ def _make_level(trainer: Trainer, arms, *, retrain, scope, prunable, rewind_step
         control_key = jax.random.fold_in(control_key, level)
         starting = _stack([starts[a](rewind_state, mask, trained=trained, trainer=trainer, key=control_key,
                                      prunable=prunable) for a in arms])
-        train = partial(trainer.train, data=data, key=data_key, start=rewind_step, num_steps=num_steps - rewind_step)
+        train = partial(trainer.train, data=data, key=data_key, start=rewind_step, num_steps=num_steps - rewind_step,
+                        **({} if on_evaluation is None else dict(on_evaluation=on_evaluation)))
         final, history = jax.vmap(lambda s: train(s))(starting)
         ticket = _take(final, 0)
         if one_shot:  # every level prunes (and fine-tunes) the dense network trained at level 0
@@ -280,7 +282,9 @@ def run_imp(
         program (model, optimizer and its hyperparameters, batch size, evaluation
         interval) and the data; a call that differs in any of them is refused. ``rounds``
         is not part of it: call again with more rounds to extend a finished run.
-      progress: show a progress bar over levels.
+      progress: show a progress bar over levels (``tqdm.auto``: a widget in notebooks) that
+        also moves at every evaluation inside a level; only then does the compiled level
+        call the host (``on_evaluation`` of the trainer's ``train``).
       on_level: called with ``(level, result_so_far)`` after each level is saved.
 
     Returns:
@@ -320,9 +324,11 @@ def run_imp(
     prune_layerwise(magnitude(one_params), ones_like(one_params), fractions_at(1), prunable=prunable)  # validates
 
     method = as_method(method)
+    bar = _LevelProgress(levels=rounds + 1) if progress else None
     level_one_seed = _make_level(
         trainer, arms, retrain=retrain, scope=scope, prunable=prunable, rewind_step=rewind_step, num_steps=num_steps,
         one_shot=one_shot, method=method, statics=dict(input_shape=data.input_shape, num_classes=data.num_classes),
+        on_evaluation=None if bar is None else bar.evaluation,
     )
     level_fn = over_seeds(level_one_seed, (0, 0, 0, None, None, None, 0, 0))
     levels = rounds + 1
@@ -333,6 +339,8 @@ def run_imp(
         np.int32(level), data, data_keys, control_keys,
     )
     record_shape = jax.eval_shape(level_fn, *level_args(carry, 0))[0]
+    if bar is not None:  # one call per evaluation of every (seed slot, arm) run
+        bar.evaluations_per_level = record_shape["history"].step.size
     record_template = (masks, record_shape)
 
     checkpoint = None
@@ -355,7 +363,8 @@ def run_imp(
 
     rewind_state = gather(carry["rewind_state"])
     init_host = gather(init_state.params)
-    bar = _progress(levels, len(done), progress)
+    if bar is not None:
+        bar.start(len(done))
     for level in range(len(done), levels):
         record, next_mask, trained = level_fn(*level_args(carry, level))
         done.append(dict(record=gather(record), mask=gather(carry["mask"])))
@@ -366,8 +375,7 @@ def run_imp(
             checkpoint.save(level + 1, carry)
         result = _as_result(done, arms, seeds, init_host, rewind_state)
         if bar is not None:
-            bar.set_postfix(density=f"{result.density[-1].mean():.3f}", ticket=f"{result.early_stop_accuracy[-1, :, 0].mean():.3f}")
-            bar.update()
+            bar.level_done(level, density=result.density[-1].mean(), ticket=result.early_stop_accuracy[-1, :, 0].mean())
         if on_level is not None:
             on_level(level, result)
     if bar is not None:
@@ -437,8 +445,8 @@ def saved_masks(checkpoint_dir: str, mask_template: PyTree, levels: int) -> tupl
         path = os.path.join(checkpoint_dir, "levels", f"level-{level:04d}.npz")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} is missing: level {level} of this run was not saved")
-        with np.load(path) as saved:  # a (mask, record) tuple: the mask's leaves come first
-            masks.append(jax.tree.unflatten(treedef, [saved[f"arr_{i}"] for i in range(treedef.num_leaves)]))
+        saved = load_npz(path)  # a (mask, record) tuple: the mask's leaves come first
+        masks.append(jax.tree.unflatten(treedef, [saved[f"arr_{i}"] for i in range(treedef.num_leaves)]))
     return tuple(masks)
 
 
@@ -451,9 +459,27 @@ def _as_result(done: list, arms, seeds, init_params, rewind_state) -> IMPResult:
                      init_params=cut(init_params), rewind_state=cut(rewind_state), **records)
 
 
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+class _LevelProgress:
+    """A bar over IMP levels that moves by a fraction of a level at every evaluation inside
+    the compiled level (``evaluation`` runs on the host through ``jax.debug.callback``)."""
 
-    return tqdm(total=total, initial=initial, desc="IMP levels", unit="level")
+    def __init__(self, levels: int):
+        self.levels, self.evaluations_per_level, self.bar = levels, 1, None
+
+    def start(self, done: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.levels, initial=done, desc="IMP levels", unit="level",
+                        bar_format="{l_bar}{bar}| {n:.2f}/{total} levels [{elapsed}<{remaining}{postfix}]")
+
+    def evaluation(self, step) -> None:
+        del step
+        if self.bar is not None and self.bar.n < int(self.bar.n) + 1 - 0.5 / self.evaluations_per_level:
+            self.bar.update(1 / self.evaluations_per_level)  # never past the level (callbacks are unordered)
+
+    def level_done(self, level: int, *, density: float, ticket: float) -> None:
+        self.bar.n = level + 1
+        self.bar.set_postfix(density=f"{density:.3f}", ticket=f"{ticket:.3f}")  # refreshes
+
+    def close(self) -> None:
+        self.bar.close()

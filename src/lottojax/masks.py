@@ -36,7 +36,7 @@ _SHOWN = 10  # how many paths an error message lists
 
 
 def _show(paths) -> str:
-    paths = list(paths)
+    paths = [p or "<root>" for p in paths]  # a bare array is a tree whose one leaf is the root
     more = f" ... ({len(paths)} in all)" if len(paths) > _SHOWN else ""
     return f"{paths[:_SHOWN]}{more}"
 
@@ -188,7 +188,7 @@ def prunable_flags(tree: PyTree, prunable: Spec = None) -> list[bool]:
         path, flag = leaves_with_paths(tree)[0][bad[0]], flags[bad[0]]
         raise TypeError(
             f"prunable must resolve to Python bools per leaf (it is static); got {flag!r} for "
-            f"leaf {path}. A predicate should look at the path and the leaf's shape, not its values."
+            f"leaf {path or '<root>'}. A predicate should look at the path and the leaf's shape, not its values."
         )
     return [bool(f) for f in flags]
 
@@ -265,7 +265,7 @@ def check_same_shapes(a: PyTree, b: PyTree, *, a_name: str, b_name: str) -> list
     for path, x, y in zip(a_paths, a_leaves, b_leaves):
         if jnp.shape(x) != jnp.shape(y):
             raise ValueError(
-                f"{b_name} leaf {path} has shape {jnp.shape(y)} but the {a_name} leaf has {jnp.shape(x)}"
+                f"{b_name} leaf {path or '<root>'} has shape {jnp.shape(y)} but the {a_name} leaf has {jnp.shape(x)}"
             )
     return a_paths
 
@@ -283,7 +283,7 @@ def check_bool(mask: PyTree, *, name: str = "mask") -> None:
     for path, m in zip(paths, leaves):
         if jnp.result_type(m) != jnp.bool_:
             raise ValueError(
-                f"{name} leaf {path} has dtype {jnp.result_type(m)}; masks are bool "
+                f"{name} leaf {path or '<root>'} has dtype {jnp.result_type(m)}; masks are bool "
                 f"(use .astype(bool), or build them with lottojax.ones_like; a params tree is not a mask)"
             )
 
@@ -325,7 +325,7 @@ def conform_mask(params: PyTree, mask: PyTree, *, params_name: str = "params", m
     leaves = [by_path[p] for p in p_paths]
     for path, x, m in zip(p_paths, p_leaves, leaves):
         if jnp.shape(x) != jnp.shape(m):
-            raise ValueError(f"{mask_name} leaf {path} has shape {jnp.shape(m)} but the {params_name} leaf has {jnp.shape(x)}")
+            raise ValueError(f"{mask_name} leaf {path or '<root>'} has shape {jnp.shape(m)} but the {params_name} leaf has {jnp.shape(x)}")
     conformed = jax.tree.unflatten(p_def, leaves)
     check_bool(conformed, name=mask_name)
     return conformed

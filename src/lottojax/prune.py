@@ -135,7 +135,7 @@ def map_prunable_leaves(prune_leaf: Callable, scores: PyTree, mask: PyTree, frac
         if not flag:
             new_leaves.append(m)
             continue
-        _check_fraction(frac, f"fraction for {path}")
+        _check_fraction(frac, f"fraction for {path or '<root>'}")
         new_leaves.append(prune_leaf(path, m, s, frac))
     return jax.tree.unflatten(treedef, new_leaves)
 

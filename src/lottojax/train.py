@@ -13,9 +13,11 @@ A :class:`Trainer` is a set of pure functions for one (model, optimizer, batch s
   exactly the batches of an unsplit one. The last ``n_train % batch_size`` examples of
   each epoch's order are dropped.
 - ``evaluate(params, model_state, x, y)`` → :class:`Metrics` in fixed-size chunks;
-- ``train(state, data, key, start, num_steps)`` → ``(state, History)``: ``run_steps``
-  with an evaluation on the validation and test sets every ``eval_every`` steps and at
-  the end, as one compiled program.
+- ``train(state, data, key, start, num_steps, on_evaluation=None)`` → ``(state, History)``:
+  ``run_steps`` with an evaluation on the validation and test sets every ``eval_every``
+  steps and at the end, as one compiled program. ``on_evaluation(step)``, a host
+  function, is called at each evaluation through ``jax.debug.callback`` (once per run
+  under ``jax.vmap``; progress bars use it); without it the program has no host call.
 
 ``start`` may be traced (it is the same for every seed, so under ``jax.vmap`` pass it
 with ``in_axes=None``); ``num_steps`` is static. Everything vmaps over a leading seed
@@ -227,9 +229,11 @@ def make_trainer(
             jnp.sum(valid & correct.reshape(-1)) / n,
         )
 
-    def train(state: TrainState, data, key: jax.Array, start, num_steps: int):
+    def train(state: TrainState, data, key: jax.Array, start, num_steps: int, on_evaluation=None):
         def period(state, period_start, length):
             state, losses = run_steps(state, data, key, period_start, length)
+            if on_evaluation is not None:  # a host call per evaluation (and per vmapped run)
+                jax.debug.callback(on_evaluation, state.step)
             val = evaluate(state.params, state.model_state, data.x_val, data.y_val)
             test = evaluate(state.params, state.model_state, data.x_test, data.y_test)
             end = jnp.asarray(period_start + length, jnp.int32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple, Optional
 
+import numpy as np
 import optax
 
 from lottojax.optim import masked_updates
@@ -53,6 +54,50 @@ class ConfigError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class DataError(ValueError):
+    """A dataset cannot be trained on as it is (non-finite inputs, bad labels, mismatched
+    shapes); the message names the split and the first bad example."""
+
+
+def check_dataset(data, *, num_classes: Optional[int] = None) -> None:
+    """Raises :class:`DataError` before any work if ``data`` (a :class:`lottojax.data.Dataset`)
+    has non-finite inputs, labels that are not integers in ``[0, num_classes)`` (default:
+    ``data.num_classes``, what :func:`build` builds the model for), inputs and labels of different lengths, splits whose
+    example shapes differ, or no training examples.
+
+    Examples:
+      >>> from lottojax.data import Dataset
+      >>> x = np.zeros((4, 3), np.float32); y = np.array([0, 1, 1, 0])
+      >>> check_dataset(Dataset(x, y, x, y, x, y))
+      >>> check_dataset(Dataset(x, y, x, y, x, y - 1))
+      Traceback (most recent call last):
+      ...
+      lottojax.experiments.base.DataError: y_test[0] = -1 is outside [0, 2): ...
+    """
+    splits = {name: np.asarray(getattr(data, name)) for name in data._fields}
+    if splits["x_train"].shape[0] == 0:
+        raise DataError("x_train has no examples: nothing to train on")
+    classes = num_classes if num_classes is not None else data.num_classes
+    for part in ("train", "val", "test"):
+        x, y = splits[f"x_{part}"], splits[f"y_{part}"]
+        if x.shape[0] != y.shape[0]:
+            raise DataError(f"x_{part} has {x.shape[0]} examples but y_{part} has {y.shape[0]} labels")
+        if x.shape[1:] != splits["x_train"].shape[1:] and x.shape[0]:
+            raise DataError(f"x_{part} examples have shape {x.shape[1:]} but x_train's have "
+                            f"{splits['x_train'].shape[1:]}")
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"y_{part} must be integer class indices of shape (N,), got {y.dtype} {y.shape}")
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            index = tuple(int(i) for i in np.unravel_index(int(np.argmin(np.isfinite(x))), x.shape))
+            raise DataError(f"x_{part}{list(index)} = {x[index]}: inputs must be finite (NaN or inf in the data; "
+                            "clean or re-download the dataset)")
+        bad = (y < 0) | (y >= classes)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DataError(f"y_{part}[{i}] = {int(y[i])} is outside [0, {classes}): labels must be class indices "
+                            f"below the number of classes the model is built for ({classes})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +262,11 @@ def build(config, *, total_steps: Optional[int] = None, eval_every: Optional[int
     from lottojax.train import make_trainer
 
     if data is None:
-        data = jax.device_put(load_dataset(config.dataset, data_dir=config.data_dir, validation=config.validation))
+        data = load_dataset(config.dataset, data_dir=config.data_dir, validation=config.validation)
+        check_dataset(data)
+        data = jax.device_put(data)
+    else:
+        check_dataset(data)
     steps_per_epoch = data.x_train.shape[0] // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError("batch_size", f"{config.batch_size} exceeds the {data.x_train.shape[0]} training examples")

@@ -3,12 +3,16 @@
 Every field becomes ``--field-name`` with the help text and choices of its metadata;
 ``--seeds`` takes a count, a list or a range; bad values are argparse errors (exit 2)
 that name the flag, raised before any directory is created. :func:`main` runs the
-experiment, says when it resumes, and on Ctrl-C says how to resume.
+experiment, says when it resumes, and on Ctrl-C says how to resume. A run directory in use
+by another run is refused (exit status 75) unless ``--wait`` asks to wait for it; a damaged
+file, an unwritable or full output directory or bad data end the run with a one-line
+message naming the file (exit status 1). See ``docs/reliability.md``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 import typing
 from typing import Callable, Optional, Sequence
@@ -88,6 +92,9 @@ def build_parser(config_cls, *, description: str = "", presets: Optional[dict] =
     parser.add_argument("--out", default="runs", help="root of the run directories (default: runs)")
     parser.add_argument("--cpu-devices", type=_positive_int, default=None,
                         help="split the CPU into this many JAX devices (with --devices all: seeds side by side)")
+    parser.add_argument("--wait", nargs="?", type=float, const=float("inf"), default=0.0, metavar="SECONDS",
+                        help="if another run holds the run directory, wait for it (up to SECONDS; no value: as long "
+                             "as it takes) instead of refusing (default: refuse)")
     return parser
 
 
@@ -103,9 +110,14 @@ def parse_config(config_cls, argv=None, *, description: str = "", presets: Optio
       >>> config.seeds, config.rounds, out
       ((2, 3), 4, 'runs')
     """
+    return _parse(config_cls, argv, description=description, presets=presets, parents=parents)[:2]
+
+
+def _parse(config_cls, argv, *, description: str, presets: Optional[dict], parents):
+    """``(config, out, wait)``: :func:`parse_config` and the ``--wait`` seconds."""
     parser = build_parser(config_cls, description=description, presets=presets, parents=parents)
     args = vars(parser.parse_args(argv))
-    out, cpu_devices = args.pop("out"), args.pop("cpu_devices")
+    out, cpu_devices, wait = args.pop("out"), args.pop("cpu_devices"), args.pop("wait")
     if presets:
         config_cls = presets[args.pop("preset")]
     fields = {field.name for field in dataclasses.fields(config_cls)}
@@ -119,23 +131,39 @@ def parse_config(config_cls, argv=None, *, description: str = "", presets: Optio
         import jax
 
         jax.config.update("jax_num_cpu_devices", cpu_devices)  # must precede JAX's first computation
-    return config, out
+    return config, out, wait
 
 
 def main(run: Callable, config_cls, argv=None, *, description: str = "", experiment: str,
          report: Callable = print, presets: Optional[dict] = None,
          parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     """Parses the flags, runs ``run(config, out)`` -> ``(result, workdir)`` and prints
-    ``report(result)``; on Ctrl-C says how to resume (exit status 130)."""
-    from lottojax.experiments.store import run_directory
+    ``report(result)``; on Ctrl-C says how to resume (exit status 130); a run directory in
+    use refuses (status 75; ``--wait`` waits); a damaged file, an unwritable or full output
+    directory or bad data print their message (status 1)."""
+    from lottojax.checkpoint import CorruptFileError
+    from lottojax.experiments.base import DataError
+    from lottojax.experiments.store import RunLockedError, run_directory, waiting
 
-    config, out = parse_config(config_cls, argv, description=description, presets=presets, parents=parents)
+    config, out, wait = _parse(config_cls, argv, description=description, presets=presets, parents=parents)
     workdir = run_directory(out, experiment, config)
     try:
-        result, workdir = run(config, out)
+        with waiting(wait):
+            result, workdir = run(config, out)
     except KeyboardInterrupt:
         print(f"\ninterrupted. Finished work is saved in {workdir}/; run the same command again to resume.",
               file=sys.stderr)
         raise SystemExit(130) from None
+    except RunLockedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(75) from None
+    except (CorruptFileError, DataError, PermissionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EROFS):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     report(result)
     print(f"\nresults, plots and checkpoints in {workdir}/")

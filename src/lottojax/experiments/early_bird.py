@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Callable
@@ -38,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lottojax.checkpoint import Checkpointer, write_json
+from lottojax.checkpoint import Checkpointer, read_json, write_json
 from lottojax.early_bird import channel_mask, mask_distance_matrix, slimming_penalty, weight_mask
 from lottojax.eb_train import EpochLoop, EpochLoopState, compiled_step, detection_flops, make_epoch_loop
 from lottojax.experiments.base import (
@@ -53,8 +52,9 @@ from lottojax.experiments.base import (
     override,
     stream_keys,
 )
-from lottojax.experiments.plots import figure, save
-from lottojax.experiments.store import mean_std, open_run, stats, write_results
+from lottojax.experiments.metrics import log_history
+from lottojax.experiments.plots import colorbar, figure, save
+from lottojax.experiments.store import exclusive, mean_std, open_run, stats, write_results
 from lottojax.masks import apply_mask, ones_like
 from lottojax.optim import set_mask
 from lottojax.prune import prune_global, prune_layerwise
@@ -166,11 +166,13 @@ class _Phase:
     run resumes after the last saved chunk).
 
     ``make_initial()`` builds the starting state; a resumed run restores into its shapes and
-    shardings.
+    shardings. ``on_chunk(state)`` runs after each saved chunk (metrics logging).
     """
 
-    def __init__(self, checkpointer: Checkpointer, loop: EpochLoop, make_initial: Callable[[], EpochLoopState]):
+    def __init__(self, checkpointer: Checkpointer, loop: EpochLoop, make_initial: Callable[[], EpochLoopState],
+                 on_chunk: Callable[[EpochLoopState], None] = lambda state: None):
         self.loop = loop
+        self.on_chunk = on_chunk
         self.checkpointer = checkpointer
         self.carry = checkpointer.restore({"state": make_initial(), "seconds": np.float64(0.0)})[1]
 
@@ -190,12 +192,14 @@ class _Phase:
                 state = jax.block_until_ready(compiled(state, data, keys, until))
                 self.carry = {"state": state, "seconds": np.float64(self.carry["seconds"] + time.perf_counter() - start)}
                 self.checkpointer.save(int(state.epoch), self.carry)
+                self.on_chunk(state)
         state = gather(self.carry["state"])
         own = lambda tree: jax.tree.map(lambda x: x[:seeds], tree)  # drops the padding seeds
         state = state._replace(**{name: own(v) for name, v in state._asdict().items() if name != "epoch"})
         return state, float(self.carry["seconds"])
 
 
+@exclusive("early_bird")
 def run_early_bird(config: EarlyBirdConfig, root: str = "runs", *, progress: bool = True) -> tuple[dict, str]:
     """Runs (or resumes) the experiment; returns the summary (as in ``results.json``) and the
     run directory.
@@ -211,8 +215,8 @@ def run_early_bird(config: EarlyBirdConfig, root: str = "runs", *, progress: boo
     say = print if progress else (lambda *a, **k: None)
     with open_run(root, "early_bird", config) as workdir:
         checkpoints = os.path.join(workdir, "checkpoint")
-        phase = lambda name, loop, initial: _Phase(
-            Checkpointer(os.path.join(checkpoints, name), dataclasses.asdict(config)), loop, initial)
+        phase = lambda name, loop, initial, **kw: _Phase(
+            Checkpointer(os.path.join(checkpoints, name), dataclasses.asdict(config)), loop, initial, **kw)
         data = load_dataset(config.dataset, data_dir=config.data_dir, validation=config.validation)
         setup = build(config, data=put_seeded(data, config.devices, stacked=False))  # the trainers are below
         data, model, steps_per_epoch = setup.data, setup.model, setup.steps_per_epoch
@@ -236,7 +240,9 @@ def run_early_bird(config: EarlyBirdConfig, root: str = "runs", *, progress: boo
         init_states = functools.cache(lambda: jax.jit(jax.vmap(trainer.init))(init_keys))  # shared by both phases
         initial = lambda: jax.jit(dense_loop.init)(init_states())
         say(f"[1/3] dense baseline: {n} seeds x {config.epochs} epochs")
-        dense, dense_seconds = phase("dense", dense_loop, initial).run(
+        log_dense = lambda state: log_history(workdir, "dense", _take(gather(state.record), slice(0, n)),
+                                              {"seed": config.seeds}) if jax.process_index() == 0 else None
+        dense, dense_seconds = phase("dense", dense_loop, initial, on_chunk=log_dense).run(
             data, data_keys, num_epochs=config.epochs, chunk=config.epochs_per_call, seeds=n)
 
         # 2. The Early-Bird search: stops each seed when all its ratios have fired.
@@ -253,7 +259,7 @@ def run_early_bird(config: EarlyBirdConfig, root: str = "runs", *, progress: boo
         dense_step = functools.cache(
             lambda: compiled_step(trainer, _take(jax.device_get(dense.train), 0), data, config.batch_size))
         retrain_path = os.path.join(checkpoints, "retrain.json")
-        retrained = json.load(open(retrain_path)) if os.path.exists(retrain_path) else {}
+        retrained = read_json(retrain_path) if os.path.exists(retrain_path) else {}
         eb_epochs = np.asarray(search.detector.epoch)  # (seeds, ratios)
         tickets = jax.device_get(search.ticket)
         say(f"[3/3] retraining {int((eb_epochs >= 0).sum())} tickets x {len(config.retrain)} modes")
@@ -265,8 +271,9 @@ def run_early_bird(config: EarlyBirdConfig, root: str = "runs", *, progress: boo
                 ticket = _take(tickets, s, r)
                 if config.search_bits:  # the ticket is retrained in full precision
                     ticket = ticket._replace(model_state=ticket.model_state.model_state)
+                log = lambda mode, record: log_history(workdir, f"retrain-{ratio}-seed{seed}-{mode}", record, {})
                 runs = _retrain_ticket(config, ticket, int(eb_epochs[s, r]), ratio, data, data_keys[s],
-                                       reinit_keys[s], model, steps_per_epoch, mask_fn, dense_step()[1])
+                                       reinit_keys[s], model, steps_per_epoch, mask_fn, dense_step()[1], log)
                 retrained.update({f"{key}/{mode}": run for mode, run in runs.items()})
                 write_json(retrain_path, retrained)
                 outcome = ", ".join(f"{m} {100 * v['test_accuracy']:.2f}%" for m, v in runs.items() if "test_accuracy" in v)
@@ -275,7 +282,7 @@ def run_early_bird(config: EarlyBirdConfig, root: str = "runs", *, progress: boo
         costs_path = os.path.join(checkpoints, "costs.json")
         if not os.path.exists(costs_path):
             write_json(costs_path, dict(step_flops=dense_step()[0], detection_flops=detection_flops(search_loop, search)))
-        costs = json.load(open(costs_path))
+        costs = read_json(costs_path)
     summary = _summarise(config, dense, search, retrained, steps_per_epoch, costs, dense_seconds, search_seconds)
     if jax.process_index() == 0:
         _write(config, summary, dense, search, workdir)
@@ -294,9 +301,10 @@ def _write(config: EarlyBirdConfig, summary: dict, dense: EpochLoopState, search
 
 
 def _retrain_ticket(config, ticket: TrainState, eb_epoch: int, ratio: float, data, data_key, reinit_key,
-                    model, steps_per_epoch: int, mask_fn, dense_step) -> dict[str, dict]:
+                    model, steps_per_epoch: int, mask_fn, dense_step, log: Callable[[str, object], None]) -> dict[str, dict]:
     """Retrains one ticket in each mode; returns per mode the accuracy, and the FLOPs and time
-    of one training step of the ticket and (measured alongside) of the dense network."""
+    of one training step of the ticket and (measured alongside) of the dense network;
+    ``log(mode, record)`` gets each mode's per-epoch record."""
     from lottojax.models import create
     from lottojax.slimming import channel_plan, shrink_train_state
 
@@ -337,6 +345,7 @@ def _retrain_ticket(config, ticket: TrainState, eb_epoch: int, ratio: float, dat
         state = jax.block_until_ready(compiled(state, data, data_key[None], jnp.int32(config.epochs)))
         seconds = time.perf_counter() - begin
         record = jax.tree.map(lambda x: np.asarray(x[0]), state.record)
+        log(mode, record)
         runs[mode] = dict(
             eb_epoch=eb_epoch, first_epoch=first[mode], epochs=config.epochs - first[mode], seconds=seconds,
             step_flops=flops, step_seconds=ticket_seconds, dense_step_seconds=dense_seconds,
@@ -473,5 +482,5 @@ def plot_heatmap(matrices: np.ndarray, ratios, eb_epochs, path: str, *, title: s
         ax.set_title(f"p = {ratio}" + (f", EB at epoch {eb}" if eb > 0 else ", no EB"))
         ax.set_xlabel("epoch")
         ax.set_ylabel("epoch")
-        fig.colorbar(image, ax=ax, fraction=0.046)
+        colorbar(fig, image, ax, "mask distance (normalised Hamming)")
     save(fig, path, title=title)

@@ -71,8 +71,9 @@ from lottojax.experiments.base import (
     option,
     override,
 )
-from lottojax.experiments.plots import figure, save
-from lottojax.experiments.store import open_run, stats, write_results
+from lottojax.experiments.metrics import log_history
+from lottojax.experiments.plots import figure, save, spread_note
+from lottojax.experiments.store import diverged_runs, exclusive, open_run, stats, write_results
 from lottojax.grokking import NEVER, params_norm, precise_cross_entropy, scale_to_norm, steps_to_threshold, train_curves
 from lottojax.masks import PyTree, apply_mask, ones_like
 from lottojax.methods import ScoreContext, get_method, prune_with
@@ -322,6 +323,7 @@ def _programs(config: GrokkingConfig, setup: Setup) -> dict[str, Callable]:
     return {name: dense if name == "dense" else arm_program(ARMS[name]) for name in ARMS}
 
 
+@exclusive("grokking")
 def run_grokking(config: GrokkingConfig, root: str = "runs", *, progress: bool = True) -> tuple[dict, str]:
     """Runs (or resumes) the experiment; returns the summary (as in ``results.json``) and
     the run directory."""
@@ -348,6 +350,8 @@ def run_grokking(config: GrokkingConfig, root: str = "runs", *, progress: bool =
                 saved = {"record": gather(record), "seconds": np.asarray(time.perf_counter() - start)}
                 if jax.process_index() == 0:
                     save_arrays(path, saved)
+                    curves = jax.tree.map(lambda x: np.asarray(x)[:n], saved["record"]["curves"])
+                    log_history(workdir, name, curves, {"seed": config.seeds})
             record = jax.tree.map(lambda x: np.asarray(x)[:n], saved["record"])
             record["seconds"] = float(saved["seconds"])
             records[name] = record
@@ -409,16 +413,17 @@ def summarize(config: GrokkingConfig, setup: Setup, records: dict) -> dict:
         if name == "dense":
             dense_mean = s["mean"]
         curves = record["curves"]
+        diverged = diverged_runs(curves.train_loss, curves.test_loss)  # left out of the final-value stats
         entry = {
             "label": ARMS[name].label,
             "steps_to_threshold": s,
             "ratio_to_dense": (None if s["mean"] is None or not dense_mean else round(s["mean"] / dense_mean, 4)),
             "steps_to_memorise": _step_stats(_steps(config, record, "train_accuracy", config.memorisation_threshold)),
-            "final_test_accuracy": stats(np.asarray(curves.test_accuracy)[:, -1]),
-            "final_train_accuracy": stats(np.asarray(curves.train_accuracy)[:, -1]),
+            "final_test_accuracy": stats(np.asarray(curves.test_accuracy)[:, -1], diverged=diverged),
+            "final_train_accuracy": stats(np.asarray(curves.train_accuracy)[:, -1], diverged=diverged),
             "density": stats(np.asarray(record["kept"]) / setup.total),
             "initial_norm": stats(record["initial_norm"]),
-            "final_norm": stats(record["final_norm"]),
+            "final_norm": stats(record["final_norm"], diverged=diverged),
             "pruned_max": float(np.max(record["pruned_max"])),
             "seconds": record["seconds"],
             "curve": {"step": np.asarray(curves.step)[0].tolist(), "test_accuracy": _curve(curves, "test_accuracy"),
@@ -487,4 +492,4 @@ def plot_grokking(summary: dict, path: str, *, title: str = "") -> None:
         ax.set_ylim(0, 101)
         ax.grid(alpha=0.3)
     train_ax.legend(fontsize=7, loc="lower right")
-    save(fig, path, title=title)
+    save(fig, path, title=title, note=spread_note(len(summary["config"]["seeds"]), "min-max") + " (dense and ticket)")

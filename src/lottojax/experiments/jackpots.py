@@ -59,10 +59,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lottojax.checkpoint import load_arrays, save_arrays
+from lottojax.checkpoint import load_arrays, load_npz, save_arrays, save_npz
 from lottojax.experiments.base import ConfigError, ExperimentConfig, build, option, over_seeds, seed_slots, stream_keys
-from lottojax.experiments.plots import figure, save
-from lottojax.experiments.store import mean_std, open_run, stats, write_results
+from lottojax.experiments.metrics import log_history
+from lottojax.experiments.plots import dense_line, figure, save, spread_note
+from lottojax.experiments.store import diverged_runs, exclusive, mean_std, open_run, stats, write_results
 from lottojax.jackpots import (
     jackpot_init,
     jackpot_optimizer,
@@ -206,12 +207,13 @@ def _pretrain(config: JackpotConfig, setup, slots, data, workdir: str, progress:
 
     def one_seed(init_key, data_key, data):
         state, history = trainer.train(trainer.init(init_key), data, data_key, start=0, num_steps=config.num_steps)
-        return state.params, state.model_state, history.test_accuracy[-1]
+        return state.params, state.model_state, history.test_accuracy[-1], history
 
-    params, model_state, accuracy = over_seeds(config, one_seed, (0, 0, None))(init_keys, data_keys, data)
+    params, model_state, accuracy, history = over_seeds(config, one_seed, (0, 0, None))(init_keys, data_keys, data)
     host = gather((params, model_state, accuracy))
     seconds = time.perf_counter() - start
     if jax.process_index() == 0:
+        log_history(workdir, "dense", jax.tree.map(lambda h: np.asarray(h)[:n], gather(history)), {"seed": config.seeds})
         if jax.tree.leaves(host[1]):
             save_arrays(state_path, host[1])
         save_ticket(path, mask=ones_like(host[0]), params=host[0], seeds=True,
@@ -308,6 +310,7 @@ def _run_arm(context: _Context, programs: _Programs, name: str, sparsity: float)
     return record, masks, jax.tree.map(lambda p: np.asarray(p)[:n], gather(params))
 
 
+@exclusive("jackpots")
 def run_jackpots(config: JackpotConfig, root: str = "runs", *, progress: bool = True) -> tuple[dict, str]:
     """Runs (or resumes) the experiment; returns the summary (as in ``results.json``) and
     the run directory."""
@@ -333,8 +336,7 @@ def run_jackpots(config: JackpotConfig, root: str = "runs", *, progress: bool = 
         for name in config.arms:
             path = os.path.join(workdir, "arms", f"{name}-{tag}.npz")
             if os.path.exists(path):  # searched in an earlier call
-                with np.load(path) as saved:
-                    results[(tag, name)] = dict(saved)
+                results[(tag, name)] = load_npz(path)
                 continue
             record, masks, params = _run_arm(context, programs, name, sparsity)
             results[(tag, name)] = record
@@ -342,7 +344,9 @@ def run_jackpots(config: JackpotConfig, root: str = "runs", *, progress: bool = 
                 save_ticket(os.path.join(workdir, "tickets", f"{name}-{tag}.npz"), mask=masks, params=params,
                             seeds=True, metadata={"arm": name, "sparsity": sparsity, "seeds": list(config.seeds),
                                                   "test_accuracy": record["test_accuracy"][:, -1].tolist()})
-                _write_npz(path, record)
+                save_npz(path, record)
+                log_history(workdir, f"{name}-{tag}", {k: v for k, v in record.items() if k != "seconds"},
+                            {"seed": config.seeds})
             if progress:
                 print(f"{100 * sparsity:g}% {name:>15}: {mean_std(record['test_accuracy'][:, -1])} test accuracy "
                       f"({float(record['seconds']):.0f} s)", flush=True)
@@ -356,12 +360,6 @@ def run_jackpots(config: JackpotConfig, root: str = "runs", *, progress: bool = 
                       title=f"Lottery Jackpots on {config.dataset} ({config.model}), {n} seeds, "
                             f"{config.search_steps} search steps")
     return summary, workdir
-
-
-def _write_npz(path: str, arrays: dict) -> None:
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 def steps_to_reach(steps: np.ndarray, losses: np.ndarray, target: float) -> Optional[int]:
@@ -415,10 +413,11 @@ def summarize(config: JackpotConfig, dense_accuracy, dense_seconds: float, resul
         arms = {}
         for name in config.arms:
             r = results[(tag, name)]
+            diverged = diverged_runs(r["train_loss"])  # a NaN loss: left out of the accuracy stats
             arms[name] = {
-                "test_accuracy": stats(r["test_accuracy"][:, -1]),
+                "test_accuracy": stats(r["test_accuracy"][:, -1], diverged=diverged),
                 "train_loss": stats(r["train_loss"][:, -1]),
-                "start_test_accuracy": stats(r["test_accuracy"][:, 0]),
+                "start_test_accuracy": stats(r["test_accuracy"][:, 0], diverged=diverged),
                 "overlap": stats(r["overlap"][:, -1]),
                 "curve": {"step": np.asarray(r["step"]).tolist(),
                           **{f"{k}_{f.__name__}": f(r[k], axis=0).tolist()
@@ -496,7 +495,7 @@ def plot_jackpots(summary: dict, path: str, *, title: str = "") -> None:
                     continue
                 ax.plot(steps, mean, color=color, linewidth=1.2, label=name)
                 ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
-        acc_ax.axhline(100 * dense, color="gray", linestyle="--", linewidth=1, label="dense")
+        dense_line(acc_ax, 100 * dense)
         acc_ax.set_ylabel("test accuracy (%)")
         loss_ax.set_ylabel("training loss")
         loss_ax.set_yscale("log")
@@ -507,4 +506,4 @@ def plot_jackpots(summary: dict, path: str, *, title: str = "") -> None:
             ax.set_title(f"{100 * entry['sparsity']:g}% sparsity", fontsize=10)
             ax.grid(alpha=0.3)
         acc_ax.legend(fontsize=7, loc="lower right")
-    save(fig, path, title=title)
+    save(fig, path, title=title, note=spread_note(summary["dense"]["test_accuracy"]["n"]))

@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from functools import partial
 
 import jax
 import numpy as np
 
-from lottojax.checkpoint import load_arrays, save_arrays
+from lottojax.checkpoint import load_arrays, load_npz, save_arrays
 from lottojax.compact import count
 from lottojax.experiments.base import ConfigError, ExperimentConfig, build, model_kwargs, option
-from lottojax.experiments.plots import density_axis, figure, save
-from lottojax.experiments.store import config_from_json, mean_std, open_run, read_config, stats, write_results
+from lottojax.experiments.metrics import log_imp_level
+from lottojax.experiments.plots import dense_line, density_axis, figure, save, spread_note
+from lottojax.experiments.store import (config_from_json, diverged_runs, exclusive, mean_std, open_run, read_config,
+                                        stats, write_results)
 from lottojax.methods import METHODS
 from lottojax.imp import ARMS, CONTROLS, RETRAINING, IMPResult, run_imp, saved_masks
 from lottojax.prune import rates_by_layer
@@ -74,6 +77,7 @@ class LotteryConfig(ExperimentConfig):
             raise ConfigError("rewind_step", f"{self.rewind_step} must be in [0, num_steps={self.num_steps})")
 
 
+@exclusive("lottery")
 def run_lottery(config: LotteryConfig, root: str = "runs", *, progress: bool = True) -> tuple[IMPResult, str]:
     """Runs (or resumes) the experiment; returns the result and the run directory.
 
@@ -95,6 +99,7 @@ def run_lottery(config: LotteryConfig, root: str = "runs", *, progress: bool = T
             num_steps=config.num_steps, scope=config.scope, rewind_step=config.rewind_step,
             one_shot=config.one_shot, controls=config.controls, retrain=config.retrain, method=config.method, seed_strategy=config.seed_strategy,
             devices=config.devices, checkpoint_dir=os.path.join(workdir, "checkpoint"), progress=progress,
+            on_level=partial(log_imp_level, workdir),
         )
     if jax.process_index() == 0:
         _write(config, result, workdir, setup.data.input_shape)
@@ -138,8 +143,7 @@ def load_lottery(workdir: str) -> tuple[LotteryConfig, IMPResult]:
     path = os.path.join(workdir, "results.npz")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{workdir} has no results.npz: the run has not finished; run it again to resume")
-    with np.load(path) as saved:
-        arrays = dict(saved)
+    arrays = load_npz(path)
     history = History(**{k.removeprefix("history_"): v for k, v in arrays.items() if k.startswith("history_")})
     shapes = jax.eval_shape(build(config).trainer.init, jax.random.key(0))
     state = jax.tree.map(lambda s: np.zeros((len(config.seeds), *s.shape), s.dtype), shapes)
@@ -156,13 +160,15 @@ def load_lottery(workdir: str) -> tuple[LotteryConfig, IMPResult]:
 
 def imp_summary(result: IMPResult) -> list[dict]:
     """One JSON-ready dict per level: density, and per arm the mean, std, n and per-seed
-    values of the early-stop test accuracy, final test accuracy and early-stop step."""
+    values of the early-stop test accuracy, final test accuracy and early-stop step. A run
+    whose training or validation loss became NaN or inf is left out and counted as diverged."""
+    diverged = diverged_runs(result.history.train_loss, result.history.val_loss)
     rows = []
     for level in range(len(result.density)):
         row = {"level": level, "density": float(result.density[level].mean()), "arms": {}}
         for a, arm in enumerate(result.arms):
             row["arms"][arm] = {
-                name: stats(values[level, :, a])
+                name: stats(values[level, :, a], diverged=diverged[level, :, a])
                 for name, values in (
                     ("early_stop_accuracy", result.early_stop_accuracy),
                     ("final_accuracy", result.final_accuracy),
@@ -185,22 +191,35 @@ def imp_table(result: IMPResult) -> str:
       level  density | ticket acc    ticket step
           0  100.00% | 91.00 ± 1.00   400 ± 100
           1   80.00% | 95.00 ± 0.00     200 ± 0
+      >>> steps = np.broadcast_to(np.array([100., 200, 300, 500]), (2, 2, 1, 4))  # evaluations
+      >>> print(imp_table(r._replace(history=History(steps, *[np.zeros((2, 2, 1, 4))] * 5))))
+      level  density | ticket acc    ticket step
+          0  100.00% | 91.00 ± 1.00   400 ± 100!
+          1   80.00% | 95.00 ± 0.00     200 ± 0
+      ! early stop at the last evaluation (step 500) in 1 of 4 runs: validation loss was still falling, so these runs may be undertrained
     """
+    diverged = diverged_runs(result.history.train_loss, result.history.val_loss)  # shown as "(k diverged)"
+    last = np.asarray(result.history.step)[..., -1]  # (levels, seeds, arms): each run's last evaluation
+    at_end = np.asarray(result.early_stop_step) == last  # early stop there: the run may be undertrained
     header = ["level  density"] + [f"{arm + ' acc':<13} {arm + ' step':>10}" for arm in result.arms]
     lines = [" | ".join(header)]
     for level in range(len(result.density)):
         cells = [f"{level:>5}  {result.density[level].mean():>7.2%}"]
         for a in range(len(result.arms)):
-            acc = mean_std(result.early_stop_accuracy[level, :, a])
-            step = mean_std(result.early_stop_step[level, :, a], scale=1, digits=0)
-            cells.append(f"{acc:<13} {step:>10}")
+            acc = mean_std(result.early_stop_accuracy[level, :, a], diverged=diverged[level, :, a])
+            step = mean_std(result.early_stop_step[level, :, a], scale=1, digits=0, diverged=diverged[level, :, a])
+            cells.append(f"{acc:<13} {step:>10}" + ("!" if at_end[level, :, a].any() else ""))
         lines.append(" | ".join(cells))
+    if at_end.any():
+        lines.append(f"! early stop at the last evaluation (step {int(last.max())}) in {int(at_end.sum())} of "
+                     f"{at_end.size} runs: validation loss was still falling, so these runs may be undertrained")
     return "\n".join(lines)
 
 
 def plot_imp(result: IMPResult, path: str, *, title: str = "") -> None:
     """Saves a two-panel figure: test accuracy at early stop vs density, and early-stop
-    step vs density, one line per arm with ± std error bars (log-scaled density axis)."""
+    step vs density, one line per arm with ± std error bars over the seeds (log-scaled
+    density axis), the dense network's accuracy (level 0) as a dashed line."""
     density = 100 * result.density.mean(axis=1)
     fig, axes = figure(2)
     panels = (
@@ -213,5 +232,10 @@ def plot_imp(result: IMPResult, path: str, *, title: str = "") -> None:
                         markersize=3, capsize=3, label=arm)
         density_axis(ax, density)
         ax.set_ylabel(label)
+    if result.density[0].mean() == 1:
+        dense_line(axes[0], np.nanmean(100 * result.early_stop_accuracy[0, :, 0]))
+    axes[1].axhline(np.nanmax(result.history.step[0, :, 0, -1]), color="gray", linestyle=":", linewidth=1,
+                    label="last step (early stop there: undertrained)")
     axes[0].legend()
-    save(fig, path, title=title)
+    axes[1].legend(fontsize=7)
+    save(fig, path, title=title, note=spread_note(len(result.seeds)))

@@ -19,7 +19,8 @@ def figure(ncols: int = 1, *, nrows: int = 1, width: float = 5.5, height: float 
 
 
 def density_axis(ax, density_percent) -> None:
-    """A log-scaled, inverted 'weights remaining (%)' x axis with round ticks."""
+    """A log-scaled, inverted 'weights remaining (%)' x axis with the same round ticks in
+    every experiment (100, 50, 20, 10, 5, 2, 1, 0.5, down to the smallest density shown)."""
     density_percent = np.asarray(density_percent)
     ax.set_xscale("log")
     ticks = [t for t in (100, 50, 20, 10, 5, 2, 1, 0.5) if density_percent.min() * 0.9 <= t <= 100]
@@ -30,13 +31,41 @@ def density_axis(ax, density_percent) -> None:
     ax.grid(alpha=0.3)
 
 
-def save(fig, path: str, *, title: str = "") -> None:
-    """Titles, lays out and writes the figure atomically, then closes it."""
+def spread_note(n: int, spread: str = "std") -> str:
+    """The caption that says what error bars and bands are: ``spread`` over ``n`` seeds.
+
+    Examples:
+      >>> spread_note(5), spread_note(3, "min-max")
+      ('mean ± std over n = 5 seeds', 'mean over n = 3 seeds; bands: min-max')
+    """
+    if spread not in ("std", "sem", "min-max"):
+        raise ValueError(f"spread={spread!r}: use 'std', 'sem' or 'min-max'")
+    seeds = f"n = {n} seed" + ("s" if n != 1 else "")
+    return f"mean ± {spread} over {seeds}" if spread != "min-max" else f"mean over {seeds}; bands: min-max"
+
+
+def dense_line(ax, accuracy_percent: float, label: str = "dense") -> None:
+    """The dense network's accuracy as the reference every sparse curve is read against."""
+    ax.axhline(accuracy_percent, color="gray", linestyle="--", linewidth=1, label=label)
+
+
+def colorbar(fig, image, ax, label: str):
+    """A colour bar that says what its colours measure (``label`` is required)."""
+    bar = fig.colorbar(image, ax=ax, fraction=0.046)
+    bar.set_label(label)
+    return bar
+
+
+def save(fig, path: str, *, title: str = "", note: str = "") -> None:
+    """Titles, lays out and writes the figure atomically, then closes it; ``note`` (e.g.
+    :func:`spread_note`) is printed under the axes."""
     import matplotlib.pyplot as plt
 
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    if note:
+        fig.text(0.01, 0.005, note, fontsize=8, color="dimgray", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.03 if note else 0, 1, 1))
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{ext}"
     fig.savefig(tmp, dpi=120)

@@ -29,21 +29,23 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from functools import partial
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lottojax.checkpoint import write_json
+from lottojax.checkpoint import load_npz, read_json, save_npz, write_json
 from lottojax.experiments.base import ConfigError, ExperimentConfig, build, option, over_seeds, stream_keys
-from lottojax.experiments.plots import density_axis, figure, save
-from lottojax.experiments.store import open_run, stats, write_results
+from lottojax.experiments.metrics import log_history, log_imp_level
+from lottojax.experiments.plots import dense_line, density_axis, figure, save, spread_note
+from lottojax.experiments.store import exclusive, open_run, stats, write_results
 from lottojax.imp import run_imp
 from lottojax.masks import PyTree, leaves_with_paths, ones_like, prunable_flags
 from lottojax.methods import METHODS, ScoreContext, get_method, prune_with
 from lottojax.seeds import gather, put_seeded
-from lottojax.train import early_stop
+from lottojax.train import History, early_stop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +106,7 @@ def input_output_paths(model, mask: PyTree, model_state: PyTree, input_shape) ->
     return jnp.sum(logits)
 
 
+@exclusive("prune_at_init")
 def run_prune_at_init(config: PruneAtInitConfig, root: str = "runs", *, progress: bool = True) -> tuple[dict, str]:
     """Runs (or resumes) the experiment; returns the summary (as in ``results.json``) and
     the run directory."""
@@ -117,12 +120,12 @@ def run_prune_at_init(config: PruneAtInitConfig, root: str = "runs", *, progress
     for method in config.methods:
         path = os.path.join(workdir, f"method-{method}.npz")
         if os.path.exists(path):  # finished in an earlier call
-            with np.load(path) as saved:
-                results[method] = dict(saved)
+            results[method] = load_npz(path)
             continue
-        results[method] = run_method(method)
+        results[method], history = run_method(method)
         if jax.process_index() == 0:
             write_npz(path, results[method])
+            log_history(workdir, f"method-{method}", history, {"level": levels, "seed": config.seeds})
         if progress:
             acc = 100 * results[method]["early_stop_accuracy"].mean(1)
             print(f"{method:>10}: {' '.join(f'{a:5.1f}' for a in acc)}  ({results[method]['seconds']:.0f} s)", flush=True)
@@ -138,26 +141,22 @@ def run_prune_at_init(config: PruneAtInitConfig, root: str = "runs", *, progress
 
 
 def write_npz(path: str, arrays: dict) -> None:
-    """``np.savez`` written atomically (a temporary file, then a rename)."""
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    """``np.savez`` written atomically, its digest recorded (:func:`lottojax.checkpoint.save_npz`)."""
+    save_npz(path, arrays)
 
 
 def _run_imp(config: PruneAtInitConfig, setup, workdir: str, progress: bool):
     """Global IMP (ticket arm only) for all seeds, checkpointed per level; with the seconds
     of the call that finished it."""
-    import json
-
     start = time.perf_counter()
     imp = run_imp(setup.trainer, setup.data, seeds=config.seeds, rounds=max(config.levels), fraction=config.imp_rate,
                   scope="global", num_steps=config.num_steps, controls=(), seed_strategy=config.seed_strategy,
-                  devices=config.devices, checkpoint_dir=os.path.join(workdir, "imp"), progress=progress)
+                  devices=config.devices, checkpoint_dir=os.path.join(workdir, "imp"), progress=progress,
+                  on_level=partial(log_imp_level, workdir, prefix="imp-"))
     seconds_file = os.path.join(workdir, "imp", "seconds.json")
     if not os.path.exists(seconds_file):  # a resumed run keeps the first run's figure
         write_json(seconds_file, time.perf_counter() - start)
-    with open(seconds_file) as f:
-        return imp, json.load(f)
+    return imp, read_json(seconds_file)
 
 
 def _method_runner(config: PruneAtInitConfig, setup, *, keep_density: np.ndarray) -> Callable[[str], dict]:
@@ -189,11 +188,12 @@ def _method_runner(config: PruneAtInitConfig, setup, *, keep_density: np.ndarray
             step, accuracy = early_stop(history)
             paths = input_output_paths(model, mask, state, input_shape)
             return mask, dict(early_stop_accuracy=accuracy, early_stop_step=step, final_accuracy=history.test_accuracy[-1],
-                              paths=paths)
+                              paths=paths, history=history)
 
         return jax.vmap(one_level)(keep)
 
-    def run(name: str) -> dict:
+    def run(name: str) -> tuple[dict, History]:
+        """The method's record and its training histories (leaves ``(levels, seeds, evals)``)."""
         start = time.perf_counter()
         method = config.method(name)
         masks, record = over_seeds(config, lambda *a: one_seed(method, *a), (0, 0, 0, None, None))(
@@ -202,7 +202,7 @@ def _method_runner(config: PruneAtInitConfig, setup, *, keep_density: np.ndarray
         leaves = [np.asarray(m)[:n] for m, f in zip(jax.tree.leaves(gather(masks)), flags) if f]
         kept = np.swapaxes(sum(m.sum(axis=tuple(range(2, m.ndim)), dtype=np.int64) for m in leaves), 0, 1)
         record.update(kept=kept, density=kept / total, seconds=np.array(time.perf_counter() - start))
-        return record
+        return record, record.pop("history")
 
     return run
 
@@ -267,7 +267,7 @@ def plot_prune_at_init(summary: dict, path: str, *, title: str = "") -> None:
     each method at the compared densities, the dense accuracy as a line; ± std bars."""
     fig, (ax,) = figure(1, width=7.5, height=4.6)
     dense = summary["dense"]["early_stop_accuracy"]
-    ax.axhline(100 * dense["mean"], color="gray", linestyle="--", linewidth=1, label="dense")
+    dense_line(ax, 100 * dense["mean"])
     imp = summary["imp"][1:]
     ax.errorbar([100 * r["density"] for r in imp], [100 * r["early_stop_accuracy"]["mean"] for r in imp],
                 yerr=[100 * r["early_stop_accuracy"]["std"] for r in imp], marker="o", markersize=3,
@@ -281,4 +281,4 @@ def plot_prune_at_init(summary: dict, path: str, *, title: str = "") -> None:
     density_axis(ax, [100 * r["density"] for r in imp])
     ax.set_ylabel("test accuracy at early stop (%)")
     ax.legend(fontsize=8)
-    save(fig, path, title=title)
+    save(fig, path, title=title, note=spread_note(len(summary["config"]["seeds"])))

@@ -33,21 +33,22 @@ FLOPs, seconds; IMP's whole curve), ``sparse_training.png`` (accuracy vs density
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
+from functools import partial
 from types import MappingProxyType
 from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
 
-from lottojax.checkpoint import write_json
+from lottojax.checkpoint import read_json, write_json
 from lottojax.experiments.base import (ConfigError, ExperimentConfig, Setup, build, learning_rate_schedule,
                                        make_optimizer, option, over_seeds, stream_keys)
-from lottojax.experiments.plots import density_axis, figure, save
-from lottojax.experiments.store import open_run, stats, write_results
+from lottojax.experiments.metrics import log_history, log_imp_level
+from lottojax.experiments.plots import dense_line, density_axis, figure, save, spread_note
+from lottojax.experiments.store import exclusive, open_run, stats, write_results
 from lottojax.imp import run_imp
 from lottojax.masks import PyTree, leaves_with_paths, prunable_flags
 from lottojax.optim import get_mask
@@ -108,7 +109,7 @@ class Context(NamedTuple):
 
     config: SparseTrainingConfig
     setup: Setup
-    train: Callable  # (trainer, final_mask: state -> mask) -> (accuracy (seeds,), masks)
+    train: Callable  # (trainer, final_mask: state -> mask, unit) -> (accuracy (seeds,), masks); logs the unit's metrics
     dense_flops: float
     workdir: str
     progress: bool
@@ -162,7 +163,7 @@ def _inner_optimizer(config: SparseTrainingConfig):
 def dense_arm(context: Context) -> dict:
     """The dense network, trained ``num_steps``."""
     start = time.perf_counter()
-    accuracy, masks = context.train(context.setup.trainer, lambda state: get_mask(state.opt_state))
+    accuracy, masks = context.train(context.setup.trainer, lambda state: get_mask(state.opt_state), "dense")
     return dict(records=[_record(context, 1.0, accuracy, masks, 1.0, time.perf_counter() - start)])
 
 
@@ -176,7 +177,8 @@ def imp_arm(retrain: str) -> Callable[[Context], dict]:
         result = run_imp(context.setup.trainer, context.setup.data, seeds=config.seeds, rounds=rounds, fraction=config.imp_rate,
                          num_steps=config.num_steps, controls=(), retrain=retrain,
                          seed_strategy=config.seed_strategy, devices=config.devices,
-                         checkpoint_dir=os.path.join(context.workdir, f"imp-{retrain}"), progress=context.progress)
+                         checkpoint_dir=os.path.join(context.workdir, f"imp-{retrain}"), progress=context.progress,
+                         on_level=partial(log_imp_level, context.workdir, prefix=f"imp-{retrain}-"))
         level_cost = [float(np.mean(seed_flops(mask))) / context.dense_flops for mask in result.masks]
         curve = [dict(density=float(np.mean(seed_flops(mask))) / context.dense_flops,
                       accuracy=stats(result.final_accuracy[level, :, 0]))
@@ -213,7 +215,7 @@ def sparse_arm(method: str, scope: str) -> Callable[[Context], dict]:
                 schedule = cubic(sparsity, begin_step=begin, end_step=end, every=config.gmp_every)
             tx = sparse_training(_inner_optimizer(config), get_sparse_method(method, **hparams), schedule, scope=scope)
             trainer = make_trainer(context.setup.model, tx, batch_size=config.batch_size, eval_every=config.eval_every)
-            accuracy, masks = context.train(trainer, lambda state: get_mask(state.opt_state))
+            accuracy, masks = context.train(trainer, lambda state: get_mask(state.opt_state), f"{method}-{scope}-{target:g}")
             sparse = float(np.mean(seed_flops(masks))) / context.dense_flops
             if method == "gmp":
                 steps_at = np.arange(steps)
@@ -246,7 +248,8 @@ def ste_arm(context: Context) -> dict:
         model = ste_model(context.setup.model, sparsity=1.0 - target, scope="uniform")
         trainer = make_trainer(model, _inner_optimizer(config), batch_size=config.batch_size,
                                eval_every=config.eval_every)
-        accuracy, masks = context.train(trainer, lambda s: ste_mask(s.params, sparsity=1.0 - target, scope="uniform"))
+        accuracy, masks = context.train(trainer, lambda s: ste_mask(s.params, sparsity=1.0 - target, scope="uniform"),
+                                        f"ste-{target:g}")
         sparse = float(np.mean(seed_flops(masks))) / context.dense_flops
         records.append(_record(context, target, accuracy, masks, (2 * sparse + 1) / 3, time.perf_counter() - start))
     return dict(records=records)
@@ -268,24 +271,29 @@ ARMS = MappingProxyType({
 })
 
 
-def _seed_trainer(config: SparseTrainingConfig, data) -> Callable:
-    """``(trainer, final_mask) -> (accuracy, masks)`` for every seed: each seed's own
-    ``init`` and ``data`` key streams (the ones IMP uses), ``num_steps`` steps."""
+def _seed_trainer(config: SparseTrainingConfig, data, workdir: str) -> Callable:
+    """``(trainer, final_mask, unit) -> (accuracy, masks)`` for every seed: each seed's own
+    ``init`` and ``data`` key streams (the ones IMP uses), ``num_steps`` steps; the
+    evaluations go to ``workdir``'s metrics as ``unit``."""
     n = len(config.seeds)
     init_keys, data_keys = stream_keys(config, "init", "data")
     data = put_seeded(data, config.devices, stacked=False)
 
-    def train(trainer, final_mask):
+    def train(trainer, final_mask, unit: str):
         def one_seed(init_key, data_key, data):
             state, history = trainer.train(trainer.init(init_key), data, data_key, start=0, num_steps=config.num_steps)
-            return history.test_accuracy[-1], final_mask(state)
+            return history, final_mask(state)
 
-        accuracy, masks = gather(over_seeds(config, one_seed, (0, 0, None))(init_keys, data_keys, data))
-        return np.asarray(accuracy)[:n], jax.tree.map(lambda m: np.asarray(m)[:n], masks)
+        history, masks = gather(over_seeds(config, one_seed, (0, 0, None))(init_keys, data_keys, data))
+        history = jax.tree.map(lambda h: np.asarray(h)[:n], history)
+        if jax.process_index() == 0:
+            log_history(workdir, unit, history, {"seed": config.seeds})
+        return history.test_accuracy[:, -1], jax.tree.map(lambda m: np.asarray(m)[:n], masks)
 
     return train
 
 
+@exclusive("sparse_training")
 def run_sparse_training(config: SparseTrainingConfig, root: str = "runs", *, progress: bool = True) -> tuple[dict, str]:
     """Runs (or resumes) the experiment; returns the summary (as in ``results.json``) and
     the run directory."""
@@ -293,14 +301,13 @@ def run_sparse_training(config: SparseTrainingConfig, root: str = "runs", *, pro
     with open_run(root, "sparse_training", config) as workdir:
         setup = build(config)
         dense_flops = forward_flops(jax.eval_shape(setup.model.init, jax.random.key(0))[0])
-        context = Context(config, setup, _seed_trainer(config, setup.data), dense_flops, workdir, progress)
+        context = Context(config, setup, _seed_trainer(config, setup.data, workdir), dense_flops, workdir, progress)
         arms = {}
         os.makedirs(os.path.join(workdir, "arms"), exist_ok=True)
         for name in config.methods:
             path = os.path.join(workdir, "arms", f"{name}.json")
             if os.path.exists(path):  # trained in an earlier call
-                with open(path) as f:
-                    arms[name] = json.load(f)
+                arms[name] = read_json(path)
                 continue
             arms[name] = ARMS[name](context)
             if jax.process_index() == 0:
@@ -352,7 +359,7 @@ def plot_sparse_training(summary: dict, path: str, *, title: str = "") -> None:
     for name, arm in summary["methods"].items():
         records = arm["records"]
         if name == "dense":
-            ax.axhline(100 * records[0]["accuracy"]["mean"], color="gray", linestyle="--", linewidth=1, label="dense")
+            dense_line(ax, 100 * records[0]["accuracy"]["mean"])
             continue
         points = arm.get("curve", records)
         ax.errorbar([100 * (p["density"] if "curve" in arm else p["density"]["mean"]) for p in points],
@@ -363,4 +370,4 @@ def plot_sparse_training(summary: dict, path: str, *, title: str = "") -> None:
     density_axis(ax, densities)
     ax.set_ylabel("test accuracy after training (%)")
     ax.legend(fontsize=8, ncol=2)
-    save(fig, path, title=title)
+    save(fig, path, title=title, note=spread_note(len(summary["config"]["seeds"])))

@@ -35,8 +35,9 @@ import numpy as np
 from lottojax.checkpoint import Checkpointer
 from lottojax.experiments.base import (ConfigError, ExperimentConfig, Setup, build, load_dataset, option, override,
                                        seed_slots, stream_keys)
-from lottojax.experiments.plots import density_axis, figure, save
-from lottojax.experiments.store import mean_std, open_run, stats, write_results
+from lottojax.experiments.metrics import log_imp_level
+from lottojax.experiments.plots import density_axis, figure, save, spread_note
+from lottojax.experiments.store import exclusive, mean_std, open_run, stats, write_results
 from lottojax.imp import ARMS, CONTROLS, run_imp
 from lottojax.masks import ones_like
 from lottojax.seeds import gather, map_seeds, put_seeded
@@ -199,7 +200,8 @@ def _one_rewind_step(config: StabilityConfig, setup: Setup, k: int, workdir: str
     imp = run_imp(setup.trainer, setup.data, seeds=config.seeds, rounds=config.rounds, fraction=config.prune_rate,
                   num_steps=config.num_steps, scope="global", rewind_step=k, controls=config.controls,
                   prunable=_prunable(config), seed_strategy=config.seed_strategy, devices=config.devices,
-                  checkpoint_dir=os.path.join(workdir, f"imp-k{k}"), progress=progress)
+                  checkpoint_dir=os.path.join(workdir, f"imp-k{k}"), progress=progress,
+                  on_level=partial(log_imp_level, workdir, prefix=f"imp-k{k}-"))
     n = len(config.seeds)
     owner = np.minimum(np.arange(len(seed_slots(config))), n - 1)  # the padding repeats the last seed
     padded = lambda tree: put_seeded(jax.tree.map(lambda x: np.asarray(x)[owner], tree), config.devices, stacked=True)
@@ -219,6 +221,7 @@ def _one_rewind_step(config: StabilityConfig, setup: Setup, k: int, workdir: str
     )
 
 
+@exclusive("stability")
 def run_stability(config: StabilityConfig, root: str = "runs", *, progress: bool = True) -> tuple[StabilityResult, str]:
     """Runs (or resumes) the sweep over ``config.rewind_steps``; returns the result and the
     run directory.
@@ -350,7 +353,7 @@ def plot_stability(result: StabilityResult, path: str, *, title: str = "") -> No
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    save(fig, path, title=title)
+    save(fig, path, title=title, note=spread_note(len(result.seeds)))
 
 
 def _write(result: StabilityResult, config: StabilityConfig, workdir: str) -> None:
