@@ -13,7 +13,8 @@ class (the angle ``θ_y``), shrink it (``‖f‖``) or cross a decision boundary
   Python int (checked) or a traced integer.
 - :func:`last_layer_geometry`: per example the angle to the true class, the feature norm and
   the margin ``min_{j≠y} (z_y − z_j) / ‖w_y − w_j‖`` (the distance to the nearest decision
-  boundary of the linear head).
+  boundary of the linear head); :func:`head_features` reads the features ``f`` (the input
+  of the head layer) off any Flax linen model of :mod:`lottojax.models`.
 
 Examples:
   >>> x = jnp.full((1, 4, 4, 1), 0.5)
@@ -29,6 +30,7 @@ from typing import Callable, NamedTuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 Corruption = Callable[[jax.Array, jax.Array, Union[int, jax.Array]], jax.Array]
 
@@ -242,3 +244,31 @@ def last_layer_geometry(features: jax.Array, kernel: jax.Array, bias: jax.Array,
     others = jnp.arange(kernel.shape[1])[None, :] != labels[:, None]
     margin = jnp.min(jnp.where(others, gaps, jnp.inf), axis=1)
     return Geometry(angle=jnp.arccos(jnp.clip(cosine, -1.0, 1.0)), feature_norm=norm, margin=margin)
+
+
+def head_features(model, params, model_state, x: jax.Array, *, head: str = "output") -> tuple[jax.Array, jax.Array]:
+    """``(features, logits)`` of a :class:`lottojax.models.Model` built from Flax linen, in
+    evaluation mode: ``features`` is the input of the layer named ``head`` (the last
+    ``nn.Dense``; every model of :mod:`lottojax.models` names it ``'output'``). Jittable.
+
+    Examples:
+      >>> from lottojax.models import create
+      >>> model = create('mlp', input_shape=(40,), hidden=(8,))
+      >>> params, state = model.init(jax.random.key(0))
+      >>> f, logits = head_features(model, params, state, jnp.ones((2, 40)))
+      >>> f.shape, bool(jnp.allclose(f @ params['output']['kernel'] + params['output']['bias'], logits))
+      ((2, 8), True)
+    """
+    captured = []
+
+    def capture(next_fun, args, kwargs, context):
+        if context.module.name == head and context.method_name == "__call__":
+            captured.append(args[0])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(capture):
+        logits, _ = model.apply(params, model_state, x, False)
+    if len(captured) != 1:
+        raise ValueError(f"head={head!r}: the model called a layer of that name {len(captured)} times (needs "
+                         "exactly once); pass the name of its last Dense layer")
+    return captured[0].reshape(x.shape[0], -1), logits

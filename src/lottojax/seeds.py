@@ -33,8 +33,9 @@ Devices = Union[None, str, Sequence[Any], Mesh]
 #: of seed ``s`` is ``jax.random.key(s)`` folded in with each index of ``KEY_STREAMS[name]``
 #: in turn. ``init``: θ0; ``data``: the data order; ``control``: the IMP controls (reinit,
 #: shuffle); ``copies``: the data orders of the stability copies; ``mask``: the random
-#: draws of pruning at initialisation (derived from ``init``, as it always was).
-KEY_STREAMS = {"init": (0,), "data": (1,), "control": (2,), "copies": (3,), "mask": (0, 2)}
+#: draws of pruning at initialisation (derived from ``init``, as it always was); ``corrupt``:
+#: the random corruptions of the robustness experiment's test inputs.
+KEY_STREAMS = {"init": (0,), "data": (1,), "control": (2,), "copies": (3,), "mask": (0, 2), "corrupt": (4,)}
 
 
 def seed_keys(seeds: Sequence[int], stream: str) -> jax.Array:
@@ -47,7 +48,7 @@ def seed_keys(seeds: Sequence[int], stream: str) -> jax.Array:
       >>> seed_keys([0], 'weights')
       Traceback (most recent call last):
       ...
-      ValueError: stream='weights' unknown; the key streams are ['init', 'data', 'control', 'copies', 'mask']
+      ValueError: stream='weights' unknown; the key streams are ['init', 'data', 'control', 'copies', 'mask', 'corrupt']
     """
     if stream not in KEY_STREAMS:
         raise ValueError(f"stream={stream!r} unknown; the key streams are {list(KEY_STREAMS)}")
