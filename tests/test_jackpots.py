@@ -411,7 +411,8 @@ def test_experiment_outputs(experiment):
 
 def test_experiment_resumes_without_recomputing(experiment):
     root, summary, workdir = experiment
-    files = ["dense.npz"] + [os.path.join("arms", f) for f in os.listdir(os.path.join(workdir, "arms"))]
+    files = ["dense.npz"] + [os.path.join("arms", f) for f in os.listdir(os.path.join(workdir, "arms"))
+                             if f.endswith(".npz")]  # CHECKSUMS.json beside them is rewritten
     stamps = {f: os.path.getmtime(os.path.join(workdir, f)) for f in files}
     os.remove(os.path.join(workdir, "arms", "random-net-s80.npz"))  # a run killed before this arm
     again, same = run_jackpots(TINY, root, progress=False)
