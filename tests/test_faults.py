@@ -33,8 +33,8 @@ from lottojax.train import History
 
 DRIVER = r"""
 import sys
-from lottojax.experiments import (early_bird, grokking, jackpots, lottery, prune_at_init, sparse_training,
-                                  stability)
+from lottojax.experiments import (early_bird, federated, grokking, jackpots, lottery, prune_at_init, robustness,
+                                  sparse_training, stability, verification)
 CONFIGS = {
     "lottery": (lottery.run_lottery, lottery.LotteryConfig(
         widths=(16, 8), seeds=(0, 1), rounds=1, num_steps=20, eval_every=10, controls=("shuffle",))),
@@ -56,12 +56,23 @@ CONFIGS = {
     "sparse_training": (sparse_training.run_sparse_training, sparse_training.SparseTrainingConfig(
         widths=(16, 8), num_steps=20, eval_every=10, seeds=(0, 1), densities=(0.5,), methods=("dense", "imp", "rigl"),
         imp_rate=0.5, update_every=5, gmp_every=5, gmp_begin=0.25, gmp_end=0.75)),
+    "verification": (verification.run_verification, verification.VerificationConfig(
+        model="mlp", widths=(32, 32), keep_dense=("output",), signature="bits", seeds=(0, 1), rounds=1, prune_rate=0.5,
+        num_steps=40, rewind_step=5, eval_every=20, finetune_steps=10, trigger_size=10,
+        attacks=("none", "finetune", "prune20"))),
+    "federated": (federated.run_federated, federated.FederatedConfig(
+        widths=(16,), seeds=(0, 1), num_clients=5, classes_per_client=2, rounds=3, local_epochs=1, synflow_rounds=3,
+        batch_size=100, arms=("sign-mean", "sign-vote"))),
+    "robustness": (robustness.run_robustness, robustness.RobustnessConfig(
+        widths=(16, 8), num_steps=40, eval_every=20, batch_size=500, seeds=(0, 1), rounds=1,
+        corruptions=("signal_noise", "shift"), arms=("dense", "imp", "magnitude", "random"))),
 }
 run, config = CONFIGS[sys.argv[1]]
 _, workdir = run(config, sys.argv[2], progress=False)
 print("WORKDIR", workdir)
 """
-EXPERIMENTS = ("lottery", "early_bird", "prune_at_init", "stability", "jackpots", "grokking", "sparse_training")
+EXPERIMENTS = ("lottery", "early_bird", "prune_at_init", "stability", "jackpots", "grokking", "sparse_training",
+               "verification", "federated", "robustness")
 KILLED = -signal.SIGKILL
 
 
