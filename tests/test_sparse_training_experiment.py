@@ -89,3 +89,25 @@ def test_conv_models_are_refused_for_flop_counting(tmp_path):
         run_sparse_training(SparseTrainingConfig(model="cnn1d", methods=("dense",), seeds=(0,), num_steps=400),
                             str(tmp_path), progress=False)
     assert os.listdir(tmp_path) == []  # no run directory left behind
+
+
+def test_a_diverged_seed_is_flagged_not_averaged(tmp_path):
+    """A seed whose loss becomes non-finite gets accuracy NaN: stats leaves it out and counts it."""
+    import numpy as np
+
+    from lottojax.experiments.base import build, make_optimizer
+    from lottojax.experiments.sparse_training import _seed_trainer
+    from lottojax.experiments.store import stats
+    from lottojax.optim import get_mask
+    from lottojax.train import make_trainer
+
+    config = SparseTrainingConfig(widths=(8,), num_steps=20, eval_every=10, seeds=(0, 1))
+    setup = build(config)
+    exploding = make_optimizer("sgd", 1e30)  # the loss overflows within a few steps
+    trainer = make_trainer(setup.model, exploding, batch_size=config.batch_size, eval_every=config.eval_every)
+    train = _seed_trainer(config, setup.data, str(tmp_path))
+    accuracy, _ = train(trainer, lambda state: get_mask(state.opt_state), "exploding")
+    assert np.isnan(accuracy).all()
+    assert stats(accuracy)["n"] == 0 and stats(accuracy)["diverged"] == 2
+    fine, _ = train(setup.trainer, lambda state: get_mask(state.opt_state), "fine")
+    assert np.isfinite(fine).all() and stats(fine)["diverged"] == 0

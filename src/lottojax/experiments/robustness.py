@@ -41,7 +41,7 @@ from lottojax.checkpoint import load_arrays, load_npz, save_arrays, save_npz
 from lottojax.experiments.base import ConfigError, ExperimentConfig, build, option, over_seeds, seed_slots, stream_keys
 from lottojax.experiments.metrics import log_history, log_imp_level
 from lottojax.experiments.plots import figure, save, spread_note
-from lottojax.experiments.store import exclusive, open_run, stats, write_results
+from lottojax.experiments.store import diverged_runs, exclusive, open_run, stats, write_results
 from lottojax.early_bird import detect_early_bird
 from lottojax.imp import run_imp
 from lottojax.masks import PyTree, ones_like, prunable_flags
@@ -216,6 +216,9 @@ def run_robustness(config: RobustnessConfig, root: str = "runs", *, progress: bo
             program = _arm_program(config, setup, ARMS[name], corruptions)
             out = gather(program(*keys, imp_mask, dense_params, jnp.int32(keep), data))
             out = jax.tree.map(lambda x: np.asarray(x)[:n], out)
+            diverged = diverged_runs(out["history"].train_loss, out["history"].val_loss)
+            out["measured"] = jax.tree.map(  # a diverged seed is flagged (NaN), never averaged in
+                lambda v: np.where(diverged.reshape(-1, *[1] * (v.ndim - 1)), np.nan, v), out["measured"])
             measured[name] = dict(measured=out["measured"], kept=_kept(out["mask"], flags),
                                   seconds=time.perf_counter() - start)
             if jax.process_index() == 0:
@@ -285,10 +288,10 @@ def summarize(config: RobustnessConfig, corruptions, keep: int, one_params, flag
         for c, name in enumerate(corruptions):
             rows[name] = {"accuracy_drop": [stats(-shift["accuracy"][:, c, s]) for s in range(len(SEVERITIES))],
                           "mean_accuracy_drop": stats(-shift["accuracy"][:, c].mean(1)),
-                          **{f"{m}_shift": [float(shift[m][:, c, s].mean()) for s in range(len(SEVERITIES))]
+                          **{f"{m}_shift": [float(np.nanmean(shift[m][:, c, s])) for s in range(len(SEVERITIES))]
                              for m in ("angle", "feature_norm", "margin")}}
-            cells += [(arm, name, s, float(shift["angle"][:, c, s].mean()), float(-shift["accuracy"][:, c, s].mean()))
-                      for s in range(len(SEVERITIES))]
+            cells += [(arm, name, s, float(np.nanmean(shift["angle"][:, c, s])),
+                       float(-np.nanmean(shift["accuracy"][:, c, s]))) for s in range(len(SEVERITIES))]
         arms[arm] = {"clean_accuracy": stats(clean["accuracy"]), "density": float(np.mean(record["kept"])) / total,
                      "mean_accuracy_drop": stats(-shift["accuracy"].mean((1, 2))), "corruptions": rows,
                      "clean_geometry": {m: stats(clean[m]) for m in ("angle", "feature_norm", "margin")},

@@ -48,7 +48,7 @@ from lottojax.experiments.base import (ConfigError, ExperimentConfig, Setup, bui
                                        make_optimizer, option, over_seeds, stream_keys)
 from lottojax.experiments.metrics import log_history, log_imp_level
 from lottojax.experiments.plots import dense_line, density_axis, figure, save, spread_note
-from lottojax.experiments.store import exclusive, open_run, stats, write_results
+from lottojax.experiments.store import diverged_runs, exclusive, open_run, stats, write_results
 from lottojax.imp import run_imp
 from lottojax.masks import PyTree, leaves_with_paths, prunable_flags
 from lottojax.optim import get_mask
@@ -288,7 +288,9 @@ def _seed_trainer(config: SparseTrainingConfig, data, workdir: str) -> Callable:
         history = jax.tree.map(lambda h: np.asarray(h)[:n], history)
         if jax.process_index() == 0:
             log_history(workdir, unit, history, {"seed": config.seeds})
-        return history.test_accuracy[:, -1], jax.tree.map(lambda m: np.asarray(m)[:n], masks)
+        diverged = diverged_runs(history.train_loss, history.val_loss)  # flagged, never averaged in
+        accuracy = np.where(diverged, np.nan, history.test_accuracy[:, -1])
+        return accuracy, jax.tree.map(lambda m: np.asarray(m)[:n], masks)
 
     return train
 
