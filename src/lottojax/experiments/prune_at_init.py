@@ -40,7 +40,7 @@ from lottojax.checkpoint import load_npz, read_json, save_npz, write_json
 from lottojax.experiments.base import ConfigError, ExperimentConfig, build, option, over_seeds, stream_keys
 from lottojax.experiments.metrics import log_history, log_imp_level
 from lottojax.experiments.plots import dense_line, density_axis, figure, save, spread_note
-from lottojax.experiments.store import exclusive, open_run, stats, write_results
+from lottojax.experiments.store import diverged_runs, exclusive, open_run, stats, write_results
 from lottojax.imp import run_imp
 from lottojax.masks import PyTree, leaves_with_paths, ones_like, prunable_flags
 from lottojax.methods import METHODS, ScoreContext, get_method, prune_with
@@ -202,7 +202,11 @@ def _method_runner(config: PruneAtInitConfig, setup, *, keep_density: np.ndarray
         leaves = [np.asarray(m)[:n] for m, f in zip(jax.tree.leaves(gather(masks)), flags) if f]
         kept = np.swapaxes(sum(m.sum(axis=tuple(range(2, m.ndim)), dtype=np.int64) for m in leaves), 0, 1)
         record.update(kept=kept, density=kept / total, seconds=np.array(time.perf_counter() - start))
-        return record, record.pop("history")
+        history = record.pop("history")
+        diverged = diverged_runs(history.train_loss, history.val_loss)  # (levels, seeds): flagged, not averaged
+        for field in ("early_stop_accuracy", "final_accuracy"):
+            record[field] = np.where(diverged, np.nan, record[field])
+        return record, history
 
     return run
 
