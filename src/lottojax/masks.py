@@ -193,6 +193,17 @@ def prunable_flags(tree: PyTree, prunable: Spec = None) -> list[bool]:
     return [bool(f) for f in flags]
 
 
+
+def prunable_size(tree: PyTree, prunable: Spec = None) -> int:
+    """Number of entries in the prunable leaves of ``tree`` (arrays or shape structs).
+
+    Examples:
+      >>> prunable_size({'w': jnp.ones((3, 4)), 'b': jnp.ones(4)})
+      12
+    """
+    return sum(int(np.prod(leaf.shape)) for leaf, flag in zip(jax.tree.leaves(tree), prunable_flags(tree, prunable))
+               if flag)
+
 def prunable_leaves(tree: PyTree, prunable: Spec = None, *, name: str = "mask") -> tuple[list[str], list[Any], Any, list[bool]]:
     """``(paths, leaves, treedef, flags)`` of ``tree``, raising if no leaf is prunable.
 

@@ -42,7 +42,7 @@ from lottojax.experiments.metrics import log_history, log_imp_level
 from lottojax.experiments.plots import dense_line, density_axis, figure, save, spread_note
 from lottojax.experiments.store import diverged_runs, exclusive, open_run, stats, write_results
 from lottojax.imp import run_imp
-from lottojax.masks import PyTree, leaves_with_paths, ones_like, prunable_flags
+from lottojax.masks import PyTree, leaves_with_paths, ones_like, prunable_flags, prunable_size
 from lottojax.methods import METHODS, ScoreContext, get_method, prune_with
 from lottojax.seeds import gather, put_seeded
 from lottojax.train import History, early_stop
@@ -85,11 +85,6 @@ class PruneAtInitConfig(ExperimentConfig):
                    "grasp": dict(per_class=self.grasp_per_class, temperature=self.grasp_temperature),
                    "synflow": dict(rounds=self.synflow_rounds)}
         return get_method(name, **hparams.get(name, {}))
-
-
-def prunable_size(params: PyTree) -> int:
-    """Number of prunable (kernel) entries."""
-    return sum(int(np.prod(p.shape)) for p, f in zip(jax.tree.leaves(params), prunable_flags(params)) if f)
 
 
 def input_output_paths(model, mask: PyTree, model_state: PyTree, input_shape) -> jax.Array:

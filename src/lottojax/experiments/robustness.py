@@ -44,7 +44,7 @@ from lottojax.experiments.plots import figure, save, spread_note
 from lottojax.experiments.store import diverged_runs, exclusive, open_run, stats, write_results
 from lottojax.early_bird import detect_early_bird
 from lottojax.imp import run_imp
-from lottojax.masks import PyTree, ones_like, prunable_flags
+from lottojax.masks import PyTree, ones_like, prunable_flags, prunable_size
 from lottojax.methods import ScoreContext, get_method, prune_with
 from lottojax.robustness import corrupt, corruptions_for, head_features, last_layer_geometry
 from lottojax.seeds import gather, put_seeded
@@ -232,7 +232,7 @@ def run_robustness(config: RobustnessConfig, root: str = "runs", *, progress: bo
                 drop = 100 * (out["measured"]["clean"]["accuracy"][:, None, None] - out["measured"]["corrupted"]["accuracy"])
                 print(f"{name:>10}: clean {100 * out['measured']['clean']['accuracy'].mean():.1f}%, "
                       f"mean drop {drop.mean():.1f} pts ({measured[name]['seconds']:.0f} s)", flush=True)
-    summary = summarize(config, corruptions, keep, one_params, flags, measured)
+    summary = summarize(config, corruptions, keep, one_params, measured)
     if jax.process_index() == 0:
         arrays = {f"{arm}/{kind}/{m}": np.asarray(v) for arm, r in measured.items()
                   for kind in ("clean", "corrupted") for m, v in r["measured"][kind].items()}
@@ -275,11 +275,11 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def summarize(config: RobustnessConfig, corruptions, keep: int, one_params, flags, measured: dict) -> dict:
+def summarize(config: RobustnessConfig, corruptions, keep: int, one_params, measured: dict) -> dict:
     """Per arm: clean accuracy, per corruption and severity the accuracy drop and the
     geometry shifts (corrupted minus clean; seeds' mean, std, n); the rank correlation of
     angle rise and accuracy drop over every cell."""
-    total = sum(int(np.prod(leaf.shape)) for leaf, f in zip(jax.tree.leaves(one_params), flags) if f)
+    total = prunable_size(one_params)
     arms, cells = {}, []
     for arm, record in measured.items():
         clean, corrupted = record["measured"]["clean"], record["measured"]["corrupted"]
