@@ -22,7 +22,8 @@ from lottojax.experiments.stability import (
     stability_table,
 )
 from lottojax.experiments.sparse_training import SparseTrainingConfig, run_sparse_training, sparse_training_table
-from lottojax.experiments.store import RunLockedError, diverged_runs, exclusive, mean_std, read_results, stats
+from lottojax.experiments.store import (
+    RunLockedError, diverged_runs, exclusive, load_or_run, mean_std, read_results, stats)
 from lottojax.experiments.verification import VerificationConfig, run_verification, verification_table
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "imp_table",
     "jackpot_table",
     "load_lottery",
+    "load_or_run",
     "log_history",
     "make_optimizer",
     "mean_std",

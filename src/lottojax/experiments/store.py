@@ -33,9 +33,10 @@ import threading
 import time
 from typing import Callable, Iterator, Optional
 
+import jax
 import numpy as np
 
-from lottojax.checkpoint import CorruptFileError, read_json, recording, save_npz, write_json
+from lottojax.checkpoint import CorruptFileError, load_npz, read_json, recording, save_npz, write_json
 
 #: ``open_run`` refuses to start with less free space than this in the output root.
 MIN_FREE_BYTES = 64 << 20
@@ -272,6 +273,37 @@ def write_results(workdir: str, summary: dict, arrays: dict) -> None:
     save_npz(os.path.join(workdir, "results.npz"), arrays)
 
 
+def load_or_run(path: str, compute: Callable[[], object], *, save: Callable = save_npz,
+                load: Callable = load_npz) -> tuple[object, bool]:
+    """One resumable unit of an experiment (an arm, a level): ``(value, True)`` when
+    ``compute()`` ran now and its value was saved at ``path`` (atomically, its digest
+    recorded; by process 0 only), ``(value, False)`` when an earlier call had finished it
+    and it was read back with ``load``. A killed run therefore resumes with every unit it
+    finished and recomputes only the rest. ``save(path, value)`` and ``load(path)`` default
+    to :func:`~lottojax.checkpoint.save_npz` / :func:`~lottojax.checkpoint.load_npz`
+    (flat dicts of arrays); e.g. ``write_json`` / ``read_json`` for JSON records.
+
+    Examples:
+      >>> import tempfile
+      >>> path = os.path.join(tempfile.mkdtemp(), 'arm.npz')
+      >>> calls = []
+      >>> def train():
+      ...     calls.append(1)
+      ...     return {'accuracy': np.array([0.5, 0.7])}
+      >>> [load_or_run(path, train)[1] for _ in range(2)], len(calls)
+      ([True, False], 1)
+      >>> load_or_run(path, train)[0]['accuracy']
+      array([0.5, 0.7])
+    """
+    if os.path.exists(path):
+        return load(path), False
+    value = compute()
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        save(path, value)
+    return value, True
+
+
 def diverged_entries(summary, prefix: str = "") -> list[tuple[str, int, int]]:
     """``(path, diverged seeds, finite seeds)`` of every :func:`stats` dict in ``summary``
     that left seeds out.
@@ -293,8 +325,6 @@ def read_results(workdir: str) -> tuple[dict, dict]:
     """``(summary, arrays)`` of a finished run, checked against the digests recorded when
     they were written (:class:`~lottojax.checkpoint.CorruptFileError` naming an edited or
     damaged file)."""
-    from lottojax.checkpoint import load_npz
-
     path = os.path.join(workdir, "results.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{workdir} has no results.json: the run has not finished; run it again to resume")
