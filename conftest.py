@@ -1,8 +1,40 @@
-"""Keeps tests and doctests from writing the dataset cache into the home directory."""
+"""Test-session set-up: a temporary dataset cache, and one JAX compilation cache shared by
+every test process.
+
+Tests and doctests never write the dataset cache into the home directory.
+
+Most of the suite's time is XLA compilation, and many tests compile the same programs (the
+same tiny models, trainers and pruning steps) in different test processes (pytest-xdist
+workers, the command-line and multi-process tests' subprocesses). A persistent compilation
+cache in a fresh directory per test session lets each program compile once per session; the
+cache never outlives the session, so no run reuses another's programs. The directory is
+handed to workers and subprocesses through ``JAX_COMPILATION_CACHE_DIR`` (they inherit the
+environment). Measured here on three IMP test files: 184 s of CPU without, 95 s with.
+"""
+from __future__ import annotations
+
+import atexit
 import os
+import shutil
+import sys
 import tempfile
 
 import pytest
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lottojax-test-jax-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+if "jax" in sys.modules:  # imported before this file (a plugin): the environment came too late
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0)))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                      int(os.environ.get("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", 0)))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -13,3 +45,33 @@ def _dataset_cache():
         yield
     if previous is None:
         os.environ.pop("LOTTOJAX_CACHE", None)
+
+
+@pytest.fixture
+def poison_init(monkeypatch):
+    """``poison(seed, module=lottojax.models, factory="create")``: models built by
+    ``module.factory`` from then on start with NaN weights when initialised with ``seed``'s
+    ``init`` key, and only then, so that seed's training diverges and nothing else changes
+    (the experiments' divergence tests)."""
+    import jax
+    import jax.numpy as jnp
+
+    import lottojax.models
+    from lottojax.seeds import seed_keys
+
+    def poison(seed: int, module=lottojax.models, factory: str = "create") -> None:
+        build, target = getattr(module, factory), jax.random.key_data(seed_keys((seed,), "init"))[0]
+
+        def poisoned(*args, **kwargs):
+            model = build(*args, **kwargs)
+
+            def init(key):
+                params, state = model.init(key)
+                hit = jnp.all(jax.random.key_data(key) == target)
+                return jax.tree.map(lambda p: jnp.where(hit, jnp.nan, p), params), state
+
+            return model._replace(init=init)
+
+        monkeypatch.setattr(module, factory, poisoned)
+
+    return poison
