@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -95,3 +96,35 @@ def test_experiment_sharded_over_two_devices_matches_one_device(tmp_path):
     assert sharded["search"]["stopped"] == one["search"]["stopped"] == [2, 2, 2]
     dense = lambda s: s["dense"]["test_accuracy"]["per_seed"]
     assert len(dense(one)) == 3 and dense(sharded) == dense(one)
+
+
+def test_a_diverged_seed_is_flagged_in_the_summary_and_table(capsys):
+    """Seed 1's dense run and search became NaN: its dense accuracy and its ticket are NaN,
+    left out of the means and counted; seed 0's figures are its own."""
+    from types import SimpleNamespace
+
+    from lottojax.eb_train import EpochLoopState
+    from lottojax.experiments.early_bird import _summarise
+    from lottojax.experiments.store import write_results
+    from lottojax.train import History
+
+    config = EarlyBirdConfig(epochs=3, ratios=(0.5,), seeds=(0, 1), retrain=("continue",))
+    loss = np.array([[0.9, 0.8, 0.7], [0.9, np.nan, np.nan]])
+    step = np.array([[10, 20, 30], [10, 20, 30]])
+    record = History(step, loss, loss, np.full((2, 3), 0.5), loss, np.array([[.3, .5, .8], [.3, .1, .1]]))
+    state = lambda stopped: EpochLoopState(np.int32(3), None, np.array(stopped), record,
+                                           SimpleNamespace(epoch=np.array([[2], [2]])), None, None)
+    run = dict(eb_epoch=2, epochs=1, step_flops=50.0, step_seconds=1.0, dense_step_seconds=2.0, seconds=0.1,
+               kept_fraction=0.5, widths={}, collapsed=[])
+    retrained = {"0.5/0/continue": dict(run, test_accuracy=0.75), "0.5/1/continue": dict(run, test_accuracy=0.6)}
+    summary = _summarise(config, state([-1, -1]), state([2, 2]), retrained, 10, dict(step_flops=100.0,
+                         detection_flops=0.0), 1.0, 1.0)
+    dense, ticket = summary["dense"]["test_accuracy"], summary["ratios"]["0.5"]["modes"]["continue"]
+    assert dense["per_seed"][0] == 0.8 and np.isnan(dense["per_seed"][1]) and dense["diverged"] == 1
+    assert ticket["test_accuracy"]["per_seed"][0] == 0.75 and np.isnan(ticket["test_accuracy"]["per_seed"][1])
+    assert ticket["test_accuracy"]["diverged"] == 1 and ticket["accuracy_minus_dense"] == pytest.approx(-0.05)
+    assert ticket["train_flops"]["n"] == 2  # what a diverged ticket cost still counts
+    lines = eb_table(summary).splitlines()
+    assert lines[0].startswith("dense: 80.00 ± 0.00 (1 diverged)") and "75.00 ± 0.00 (1 diverged)" in lines[2]
+    write_results(tempfile.mkdtemp(), summary, {})
+    assert "dense/test_accuracy (1 of 2)" in capsys.readouterr().err

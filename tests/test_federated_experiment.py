@@ -1,5 +1,6 @@
 """The HideNseek experiment end to end on a tiny setting: files, the summary, the shared start
 of the mask arms, uplink bits, resuming after a killed arm, and CLI errors."""
+import dataclasses
 import json
 import os
 
@@ -93,3 +94,18 @@ def test_too_few_clients_for_the_classes_leaves_no_run_directory(tmp_path):
     with pytest.raises(ValueError, match="num_clients \\* classes_per_client = 8 < 10 classes"):
         run_federated(FederatedConfig(num_clients=4, seeds=(0,), rounds=1), str(tmp_path), progress=False)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_diverged_seed_is_flagged_and_the_other_is_unchanged(experiment, tmp_path, poison_init, capsys):
+    _, clean, _ = experiment
+    poison_init(1)
+    summary, workdir = run_federated(dataclasses.replace(TINY, arms=("sign-mean",)), str(tmp_path), progress=False)
+    arm, before = summary["arms"]["sign-mean"], clean["arms"]["sign-mean"]
+    for name in ("test_accuracy", "best_test_accuracy"):  # seed 1 is NaN and counted; seed 0 as in the clean run
+        assert arm[name]["n"] == 1 and arm[name]["diverged"] == 1 and np.isnan(arm[name]["per_seed"][1])
+        assert arm[name]["per_seed"][0] == before[name]["per_seed"][0] == pytest.approx(arm[name]["mean"])
+    with np.load(os.path.join(workdir, "results.npz")) as saved:  # the curves are seed 0's alone
+        assert arm["curve"]["test_accuracy_mean"] == saved["sign-mean/test_accuracy"][0].tolist()
+        assert np.isnan(saved["sign-mean/client_loss"][1]).any()
+    assert "(n=1, 1 diverged)" in federated_table(summary).splitlines()[1]
+    assert "leave out diverged (non-finite) seeds" in capsys.readouterr().err

@@ -76,3 +76,21 @@ def test_bad_configs_are_named(change, field):
     with pytest.raises(ConfigError) as error:
         RobustnessConfig(**change).check()
     assert error.value.field == field
+
+
+def test_a_diverged_seed_is_flagged_and_the_other_is_unchanged(run, tmp_path, poison_init, capsys):
+    import dataclasses
+
+    _, clean, _ = run
+    poison_init(1)
+    summary, _ = run_robustness(dataclasses.replace(TINY, arms=("imp",)), str(tmp_path), progress=False)
+    arm, before = summary["arms"]["imp"], clean["arms"]["imp"]
+    rows = [(arm[k], before[k]) for k in ("clean_accuracy", "mean_accuracy_drop")]
+    rows += [(arm["corruptions"][c]["mean_accuracy_drop"], before["corruptions"][c]["mean_accuracy_drop"])
+             for c in TINY.corruptions]
+    rows += [(arm["clean_geometry"][m], before["clean_geometry"][m]) for m in ("angle", "margin")]
+    for row, reference in rows:  # seed 1 is NaN and counted; seed 0 is as in the clean run
+        assert row["n"] == 1 and row["diverged"] == 1 and np.isnan(row["per_seed"][1])
+        assert row["per_seed"][0] == reference["per_seed"][0]
+    assert "(1 diverged)" in robustness_table(summary).splitlines()[1]
+    assert "leave out diverged (non-finite) seeds" in capsys.readouterr().err

@@ -24,15 +24,31 @@ def write_idx(path, array):
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-@pytest.fixture
-def idx_dir(tmp_path):
+def write_dataset(directory):
     """A learnable MNIST-format dataset: 4x4 images whose brightest of the first 3 pixels is the label."""
     x = np.random.default_rng(0).integers(0, 256, (300, 4, 4))
     y = x[:, 0, :3].argmax(1)
     for name, array in (("train-images-idx3-ubyte", x[:240]), ("train-labels-idx1-ubyte", y[:240]),
                         ("t10k-images-idx3-ubyte", x[240:]), ("t10k-labels-idx1-ubyte", y[240:])):
-        write_idx(tmp_path / name, array)
-    return str(tmp_path)
+        write_idx(directory / name, array)
+    return str(directory)
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    return write_dataset(tmp_path)
+
+
+#: A sweep of one rewind step: run alone (clean), and with seed 1 diverging.
+ALONE = {**FLAGS, "rewind_steps": (4,), "num_points": 4}
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory):
+    """The result of :data:`ALONE` and its data directory."""
+    data_dir = write_dataset(tmp_path_factory.mktemp("idx"))
+    root = str(tmp_path_factory.mktemp("alone"))
+    return run_stability(StabilityConfig(data_dir=data_dir, **ALONE), root, progress=False)[0], data_dir
 
 
 def test_killed_sweep_resumes_at_the_next_rewind_step_through_the_main(idx_dir, tmp_path, monkeypatch, capsys):
@@ -144,14 +160,36 @@ def test_sweep_sharded_over_two_devices_matches_one_device(idx_dir, tmp_path):
     assert done.stdout.strip().endswith("(1, 3)")
 
 
-def test_one_compiled_instability_program_serves_every_rewind_step(idx_dir, tmp_path):
+def test_one_compiled_instability_program_serves_every_rewind_step(alone, tmp_path):
     """The copies train ``T - min(k)`` steps and stop changing at ``T``: the program is
     compiled once for the whole sweep, and a later ``k`` equals a run of that ``k`` alone."""
-    config = StabilityConfig(data_dir=idx_dir, **{**FLAGS, "rewind_steps": (0, 4), "num_points": 4})
+    alone, data_dir = alone
+    config = StabilityConfig(data_dir=data_dir, **{**ALONE, "rewind_steps": (0, 4)})
     before = sweep._instability._cache_size()
     both, _ = run_stability(config, str(tmp_path / "both"), progress=False)
     assert sweep._instability._cache_size() - before == 1
-    alone, _ = run_stability(StabilityConfig(data_dir=idx_dir, **{**FLAGS, "rewind_steps": (4,), "num_points": 4}),
-                             str(tmp_path / "alone"), progress=False)
     np.testing.assert_allclose(both.dense_error[1], alone.dense_error[0], atol=1e-6)
     np.testing.assert_allclose(both.sparse_barrier[1], alone.sparse_barrier[0], atol=1e-6)
+
+
+def test_a_diverged_seed_is_flagged_and_the_other_is_unchanged(alone, tmp_path, poison_init, capsys):
+    clean, data_dir = alone
+    poison_init(1)
+    result, workdir = run_stability(StabilityConfig(data_dir=data_dir, **ALONE), str(tmp_path), progress=False)
+    # Seed 1 started from NaN weights: NaN wherever it trained from θ0 (the reinit control draws
+    # fresh weights and did not diverge); seed 0 is exactly the clean run's.
+    for name, value in result._asdict().items():
+        if isinstance(value, np.ndarray) and value.ndim > 1:
+            seed_axis = 2 if name.startswith("level") else 1
+            np.testing.assert_array_equal(np.take(value, 0, seed_axis), np.take(getattr(clean, name), 0, seed_axis),
+                                          err_msg=name)
+    for values in (result.dense_barrier[:, 1], result.sparse_barrier[:, 1], result.dense_error[:, 1],
+                   result.sparse_loss[:, 1], result.dense_accuracy[:, 1], result.imp_accuracy[:, 1, 0],
+                   result.imp_early_stop_accuracy[:, 1, 0], result.level_accuracy[:, :, 1, 0]):
+        assert np.isnan(values).all()
+    assert np.isfinite(result.imp_accuracy[0, 1, 1]) and np.isfinite(result.density).all()
+    assert "(1 diverged)" in sweep.stability_table(result).splitlines()[1]
+    row = json.load(open(f"{workdir}/results.json"))["rewind_steps"][0]
+    assert row["dense_barrier"]["n"] == 1 and row["dense_barrier"]["diverged"] == 1
+    assert row["dense_barrier"]["mean"] == pytest.approx(float(clean.dense_barrier[0, 0]))
+    assert "leave out diverged (non-finite) seeds" in capsys.readouterr().err

@@ -56,3 +56,23 @@ def test_one_seed_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match="at least 2 seeds"):
         run_verification(VerificationConfig(seeds=(0,)), str(tmp_path), progress=False)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_diverged_seed_is_flagged_and_the_other_is_unchanged(run, tmp_path, poison_init, capsys):
+    _, clean, _ = run
+    poison_init(1)
+    summary, _ = run_verification(TINY, str(tmp_path), progress=False)
+    rows = [summary["imp"]["ticket_final_accuracy"], summary["before"]["test_accuracy"]]
+    rows += [summary["attacks"][a][k] for a in TINY.attacks for k in ("test_accuracy", "bit_error", "trigger_accuracy")]
+    for row in rows:  # seed 1 is flagged; seed 0 is as in the clean run
+        assert row["n"] == 1 and row["diverged"] == 1 and np.isnan(row["per_seed"][1])
+    for k in ("bit_error", "trigger_accuracy"):  # seed 0's control reads seed 1's ticket and model: flagged
+        row = summary["independent"][k]
+        assert row["diverged"] == 1 and np.isnan(row["per_seed"][0])
+        assert row["per_seed"][1] == clean["independent"][k]["per_seed"][1]
+    for name in TINY.attacks:
+        for k in ("test_accuracy", "bit_error", "trigger_accuracy"):
+            assert summary["attacks"][name][k]["per_seed"][0] == clean["attacks"][name][k]["per_seed"][0], (name, k)
+    table = verification_table(summary).splitlines()
+    assert "(1 diverged)" in table[0] and all("(1 diverged)" in line for line in table[3:])
+    assert "leave out diverged (non-finite) seeds" in capsys.readouterr().err

@@ -23,6 +23,11 @@ savings; the dense baseline), ``results.npz`` (every per-epoch array), ``heatmap
 and ``checkpoint/`` (``dense/`` and ``search/``: a :class:`~lottojax.checkpoint.Checkpointer`
 each, saved after every chunk of ``epochs_per_call`` epochs; ``retrain.json`` after every
 ticket: a killed run resumes from the last chunk of epochs or retraining).
+
+Divergence: a run whose training (or validation) loss became NaN or inf in an epoch it
+trained is NaN in the accuracies, left out of every mean and counted (the table says
+``(k diverged)``, ``results.json`` lists it); the tickets of a seed whose search diverged
+are flagged with it.
 """
 from __future__ import annotations
 
@@ -54,14 +59,15 @@ from lottojax.experiments.base import (
 )
 from lottojax.experiments.metrics import log_history
 from lottojax.experiments.plots import colorbar, figure, save
-from lottojax.experiments.store import exclusive, mean_std, open_run, stats, write_results
+from lottojax.experiments.store import (diverged_runs, exclusive, load_or_run, mean_std, open_run, stats,
+                                        write_results)
 from lottojax.masks import apply_mask, ones_like
 from lottojax.optim import set_mask
 from lottojax.prune import prune_global, prune_layerwise
 from lottojax.scores import magnitude
 from lottojax.seeds import gather, put_seeded
 from lottojax.timing import interleaved
-from lottojax.train import TrainState, make_trainer
+from lottojax.train import History, TrainState, make_trainer
 
 MASKS = ("channel", "weight")
 RETRAIN_MODES = ("continue", "reinit")
@@ -155,6 +161,22 @@ def _mask_fn(config: EarlyBirdConfig, params):
         select = channel_select(config.model, params)
         return lambda p, r: channel_mask(p, r, select=select)
     return lambda p, r: weight_mask(p, r, scope=config.weight_scope)
+
+
+def epochs_diverged(record: History, *, evaluated: bool = True) -> np.ndarray:
+    """Per run (leading axes): did the training loss of an epoch it trained (``step >= 0``),
+    or its validation loss when ``evaluated``, become NaN or inf?
+
+    Examples:
+      >>> nan = float('nan')
+      >>> record = History(np.array([[10, 20, -1], [10, 20, 30]]), np.array([[.5, .4, nan], [.5, nan, .3]]),
+      ...                  *[np.zeros((2, 3))] * 4)
+      >>> epochs_diverged(record)
+      array([False,  True])
+    """
+    trained = np.asarray(record.step) >= 0
+    losses = (record.train_loss, record.val_loss) if evaluated else (record.train_loss,)
+    return diverged_runs(*(np.where(trained, np.asarray(loss, np.float64), 0.0) for loss in losses))
 
 
 def _take(tree, *index):
@@ -279,10 +301,9 @@ def run_early_bird(config: EarlyBirdConfig, root: str = "runs", *, progress: boo
                 outcome = ", ".join(f"{m} {100 * v['test_accuracy']:.2f}%" for m, v in runs.items() if "test_accuracy" in v)
                 say(f"  ratio {ratio} seed {seed}: EB epoch {int(eb_epochs[s, r])}, " + (outcome or "collapsed"))
 
-        costs_path = os.path.join(checkpoints, "costs.json")
-        if not os.path.exists(costs_path):
-            write_json(costs_path, dict(step_flops=dense_step()[0], detection_flops=detection_flops(search_loop, search)))
-        costs = read_json(costs_path)
+        costs, _ = load_or_run(os.path.join(checkpoints, "costs.json"), lambda: dict(
+            step_flops=dense_step()[0], detection_flops=detection_flops(search_loop, search)), save=write_json,
+            load=read_json)
     summary = _summarise(config, dense, search, retrained, steps_per_epoch, costs, dense_seconds, search_seconds)
     if jax.process_index() == 0:
         _write(config, summary, dense, search, workdir)
@@ -346,11 +367,12 @@ def _retrain_ticket(config, ticket: TrainState, eb_epoch: int, ratio: float, dat
         seconds = time.perf_counter() - begin
         record = jax.tree.map(lambda x: np.asarray(x[0]), state.record)
         log(mode, record)
+        final = lambda values: float("nan") if epochs_diverged(record) else float(values[-1])  # flagged: NaN
         runs[mode] = dict(
             eb_epoch=eb_epoch, first_epoch=first[mode], epochs=config.epochs - first[mode], seconds=seconds,
             step_flops=flops, step_seconds=ticket_seconds, dense_step_seconds=dense_seconds,
             kept_fraction=kept, widths=widths, collapsed=[],
-            test_accuracy=float(record.test_accuracy[-1]), val_accuracy=float(record.val_accuracy[-1]),
+            test_accuracy=final(record.test_accuracy), val_accuracy=final(record.val_accuracy),
             test_accuracy_curve=record.test_accuracy.tolist(),
         )
     return runs
@@ -367,15 +389,19 @@ def _summarise(config, dense, search, retrained, steps_per_epoch, costs, dense_s
     """Per ratio and retraining mode: accuracy, and training FLOPs and compute time of the
     Early-Bird pipeline (the search's dense epochs with detection, then the retraining) against
     the dense schedule. Compute time is steps times the one-seed step time, the ticket's and the
-    dense network's step timed side by side; the phases' wall times are reported as measured."""
+    dense network's step timed side by side; the phases' wall times are reported as measured.
+    Divergence (:func:`epochs_diverged`) is flagged, never averaged in: a seed whose dense run
+    diverged is NaN in the dense accuracy; a retrained ticket that diverged, or any ticket of
+    a seed whose search diverged, is NaN in its mode's accuracy (its costs still count)."""
     T = config.epochs
-    dense_acc = np.asarray(dense.record.test_accuracy)[:, -1]
+    dense_acc = stats(np.asarray(dense.record.test_accuracy)[:, -1], diverged=epochs_diverged(dense.record))
+    search_diverged = epochs_diverged(search.record, evaluated=False)  # its tickets are flagged too
     dense_flops = T * steps_per_epoch * costs["step_flops"]
     summary = {
         "config": dataclasses.asdict(config),
         "steps_per_epoch": steps_per_epoch,
         "dense": {
-            "test_accuracy": stats(dense_acc),
+            "test_accuracy": dense_acc,
             "train_flops": dense_flops,
             "step_flops": costs["step_flops"],
             "wall_seconds_all_seeds": dense_seconds,
@@ -395,12 +421,13 @@ def _summarise(config, dense, search, retrained, steps_per_epoch, costs, dense_s
         row = {
             "eb_epoch": eb[:, r].tolist(),
             "eb_epoch_dense_run": dense_eb[:, r].tolist(),
-            "eb_fraction_of_training": stats(eb[found, r] / T),
+            "eb_fraction_of_training": stats(eb[found, r] / T, diverged=search_diverged[found]),
             "found": int(found.sum()),
             "modes": {},
         }
         for mode in config.retrain:
-            drawn = [retrained[f"{ratio}/{s}/{mode}"] for s in config.seeds if f"{ratio}/{s}/{mode}" in retrained]
+            drawn = [dict(retrained[f"{ratio}/{s}/{mode}"], search_diverged=bool(search_diverged[i]))
+                     for i, s in enumerate(config.seeds) if f"{ratio}/{s}/{mode}" in retrained]
             runs = [run for run in drawn if not run.get("collapsed")]
             if not runs:
                 row["modes"][mode] = {"collapsed": len(drawn)}
@@ -410,11 +437,12 @@ def _summarise(config, dense, search, retrained, steps_per_epoch, costs, dense_s
             seconds = [(run["eb_epoch"] * run["dense_step_seconds"] + run["epochs"] * run["step_seconds"]) * steps_per_epoch
                        for run in runs]
             dense_time = [T * steps_per_epoch * run["dense_step_seconds"] for run in runs]
-            acc = [run["test_accuracy"] for run in runs]
+            acc = stats([run["test_accuracy"] for run in runs], diverged=[run["search_diverged"] for run in runs])
             row["modes"][mode] = {
                 "collapsed": len(drawn) - len(runs),
-                "test_accuracy": stats(acc),
-                "accuracy_minus_dense": float(np.mean(acc) - dense_acc.mean()),
+                "test_accuracy": acc,
+                "accuracy_minus_dense": (None if None in (acc["mean"], dense_acc["mean"])
+                                         else acc["mean"] - dense_acc["mean"]),
                 "kept_fraction": stats([run["kept_fraction"] for run in runs]),
                 "train_flops": stats(flops),
                 "flops_saving": float(dense_flops / np.mean(flops)),

@@ -35,12 +35,17 @@ killed run resumes after the last finished arm; ``arms`` is left out of the hash
 an arm runs just that one), ``results.json`` (mean, std, n and per-seed values),
 ``results.npz``, ``federated.png`` (test accuracy vs round and vs cumulative uplink) and
 ``table.txt``.
+
+Divergence: a seed whose arm's client training loss or test loss became NaN or inf
+(:func:`arm_diverged`) is NaN in that arm's statistics, left out of its means and curves
+and counted (the table says ``(n=.., k diverged)``, ``results.json`` lists it).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import time
+from functools import partial
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -48,7 +53,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lottojax.checkpoint import load_npz, save_npz
 from lottojax.experiments.base import (
     ConfigError,
     ExperimentConfig,
@@ -64,7 +68,8 @@ from lottojax.experiments.base import (
 )
 from lottojax.experiments.metrics import log_history
 from lottojax.experiments.plots import figure, save
-from lottojax.experiments.store import exclusive, mean_std, open_run, stats, write_results
+from lottojax.experiments.store import (diverged_runs, exclusive, load_or_run, mean_std, open_run, stats,
+                                        write_results)
 from lottojax.federated import (
     FEDERATED_METHODS,
     ClientData,
@@ -262,22 +267,19 @@ def run_federated(config: FederatedConfig, root: str = "runs", *, progress: bool
     test = put_seeded((jnp.asarray(data.x_test), jnp.asarray(data.y_test)), config.devices, stacked=False)
     context = _Context(config, model, len(config.seeds), params0, mask,
                        put_seeded(clients, config.devices, stacked=True), data_keys, test)
-    os.makedirs(os.path.join(workdir, "arms"), exist_ok=True)
     results = {}
     for name in config.arms:
-        path = os.path.join(workdir, "arms", f"{name}.npz")
-        if os.path.exists(path):  # run in an earlier call
-            results[name] = load_npz(path)
-            continue
-        record = _run_arm(context, name)
+        record, fresh = load_or_run(os.path.join(workdir, "arms", f"{name}.npz"), partial(_run_arm, context, name))
         results[name] = record
+        if not fresh:  # run in an earlier call
+            continue
         if jax.process_index() == 0:
-            save_npz(path, record)
             rounds = np.arange(config.rounds + 1)  # round 0: before any training
             log_history(workdir, name, {"step": rounds, "test_loss": record["test_loss"],
                                         "test_accuracy": record["test_accuracy"]}, {"seed": config.seeds})
         if progress:
-            print(f"{name:>10}: {mean_std(record['test_accuracy'][:, -1])} test accuracy after {config.rounds} "
+            print(f"{name:>10}: {mean_std(record['test_accuracy'][:, -1], diverged=arm_diverged(record))} "
+                  f"test accuracy after {config.rounds} "
                   f"rounds, {record['uplink_bits'][0] / 8e6:.3f} MB uplink per round "
                   f"({float(record['seconds']):.0f} s)", flush=True)
     summary = summarize(config, results, slots)
@@ -297,32 +299,48 @@ def _split_text(config: FederatedConfig) -> str:
             else f"Dirichlet α={config.alpha:g}")
 
 
+def arm_diverged(record: dict) -> np.ndarray:
+    """Per seed: did the arm diverge (its clients' training loss or the server model's test
+    loss non-finite in any round)?
+
+    Examples:
+      >>> arm_diverged({'client_loss': np.array([[0.5, 0.4], [0.6, np.nan]]), 'test_loss': np.ones((2, 3))})
+      array([False,  True])
+    """
+    return diverged_runs(record["client_loss"], record["test_loss"])
+
+
 def summarize(config: FederatedConfig, results: dict, slots) -> dict:
     """The JSON summary: per arm the final and best test accuracy, the accuracy at
     :data:`TABLE_ROUNDS`, the uplink per round and in all, the curves (mean and std per
-    round) and the seconds the arm took."""
+    round) and the seconds the arm took. A seed whose arm diverged (:func:`arm_diverged`) is
+    NaN in every statistic, left out of the means and curves and counted."""
     out = {"config": dataclasses.asdict(config), "seeds": list(config.seeds), "arms": {}}
     for name, r in results.items():
         accuracy = np.asarray(r["test_accuracy"])
         bits = int(r["uplink_bits"][0])
+        diverged = arm_diverged(r)
+        kept = lambda k: np.asarray(r[k])[~diverged]
         out["arms"][name] = {
-            "test_accuracy": stats(accuracy[:, -1]),
-            "best_test_accuracy": stats(accuracy[:, 1:].max(axis=1)),
-            "at_round": {str(t): stats(accuracy[:, t]) for t in TABLE_ROUNDS if t < accuracy.shape[1] - 1},
+            "test_accuracy": stats(accuracy[:, -1], diverged=diverged),
+            "best_test_accuracy": stats(accuracy[:, 1:].max(axis=1), diverged=diverged),
+            "at_round": {str(t): stats(accuracy[:, t], diverged=diverged) for t in TABLE_ROUNDS
+                         if t < accuracy.shape[1] - 1},
             "uplink_bits_per_round": bits,
             "uplink_bits_total": bits * (accuracy.shape[1] - 1),
             "curve": {"round": list(range(accuracy.shape[1])),
-                      **{f"{k}_{f.__name__}": f(np.asarray(r[k]), axis=0).tolist()
+                      **{f"{k}_{f.__name__}": f(kept(k), axis=0).tolist()
                          for k in ("test_accuracy", "test_loss") for f in (np.mean, np.std)},
-                      "client_loss_mean": np.mean(r["client_loss"], axis=0).tolist()},
+                      "client_loss_mean": np.mean(kept("client_loss"), axis=0).tolist()},
             "seconds": float(r["seconds"]),
         }
     return out
 
 
 def federated_table(summary: dict) -> str:
-    """Per arm: final test accuracy (%) mean ± std (n), best over rounds, accuracy at
-    :data:`TABLE_ROUNDS`, uplink per round (MB, all clients) and relative to dense FedAvg.
+    """Per arm: final test accuracy (%) mean ± std (n, and how many seeds diverged), best
+    over rounds, accuracy at :data:`TABLE_ROUNDS`, uplink per round (MB, all clients) and
+    relative to dense FedAvg.
 
     Examples:
       >>> s = lambda m: {'mean': m, 'std': 0.01, 'n': 3}
@@ -332,7 +350,7 @@ def federated_table(summary: dict) -> str:
       arm         final test acc. (%)   best (%)       round 10 (%)    uplink MB/round  vs dense  seconds
       sign-mean   50.00 ± 1.00 (n=3)    52.00 ± 1.00   30.00 ± 1.00              1.000         -       12
     """
-    cell = lambda s: f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+    cell = lambda s: "diverged" if s["mean"] is None else f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
     arms = summary["arms"]
     rounds = sorted({t for arm in arms.values() for t in arm["at_round"]}, key=int)
     dense = arms.get("dense", {}).get("uplink_bits_per_round")
@@ -342,7 +360,8 @@ def federated_table(summary: dict) -> str:
     lines = [header + f"{'uplink MB/round':>16}{'vs dense':>10}{'seconds':>9}"]
     for name, arm in arms.items():
         final = arm["test_accuracy"]
-        final_text = f"{cell(final)} (n={final['n']})"
+        final_text = f"{cell(final)} (n={final['n']}" + (f", {final['diverged']} diverged)" if final.get("diverged")
+                                                          else ")")
         row = f"{name:<{width}}{final_text:<22}{cell(arm['best_test_accuracy']):<15}"
         row += "".join(f"{cell(arm['at_round'][t]) if t in arm['at_round'] else '-':<15}" for t in rounds)
         ratio = f"{arm['uplink_bits_per_round'] / dense:.4f}" if dense else "-"

@@ -73,7 +73,7 @@ from lottojax.experiments.base import (
 )
 from lottojax.experiments.metrics import log_history
 from lottojax.experiments.plots import figure, save, spread_note
-from lottojax.experiments.store import diverged_runs, exclusive, open_run, stats, write_results
+from lottojax.experiments.store import diverged_runs, exclusive, load_or_run, open_run, stats, write_results
 from lottojax.grokking import NEVER, params_norm, precise_cross_entropy, scale_to_norm, steps_to_threshold, train_curves
 from lottojax.masks import PyTree, apply_mask, ones_like
 from lottojax.methods import ScoreContext, get_method, prune_with
@@ -334,24 +334,23 @@ def run_grokking(config: GrokkingConfig, root: str = "runs", *, progress: bool =
         n = len(config.seeds)
         keys = stream_keys(config, "init", "data", "mask")
         data = put_seeded(setup.data, config.devices, stacked=False)
-        os.makedirs(os.path.join(workdir, "arms"), exist_ok=True)
         records: dict[str, dict] = {}
         dense_masks = None
         for name in config.arm_names():
             program = over_seeds(config, programs[name], (0, 0, 0, 0, None))
             masks_in = {} if name == "dense" else dense_masks
-            path = os.path.join(workdir, "arms", f"{name}.npz")
             template = {"record": jax.eval_shape(program, *keys, masks_in, data), "seconds": 0.0}
-            if os.path.exists(path):  # trained in an earlier call
-                saved = load_arrays(path, template)
-            else:
+
+            def train():  # called at once, in this iteration
                 start = time.perf_counter()
                 record = jax.block_until_ready(program(*keys, masks_in, data))
-                saved = {"record": gather(record), "seconds": np.asarray(time.perf_counter() - start)}
-                if jax.process_index() == 0:
-                    save_arrays(path, saved)
-                    curves = jax.tree.map(lambda x: np.asarray(x)[:n], saved["record"]["curves"])
-                    log_history(workdir, name, curves, {"seed": config.seeds})
+                return {"record": gather(record), "seconds": np.asarray(time.perf_counter() - start)}
+
+            saved, fresh = load_or_run(os.path.join(workdir, "arms", f"{name}.npz"), train, save=save_arrays,
+                                       load=lambda path: load_arrays(path, template))
+            if fresh and jax.process_index() == 0:
+                curves = jax.tree.map(lambda x: np.asarray(x)[:n], saved["record"]["curves"])
+                log_history(workdir, name, curves, {"seed": config.seeds})
             record = jax.tree.map(lambda x: np.asarray(x)[:n], saved["record"])
             record["seconds"] = float(saved["seconds"])
             records[name] = record
@@ -468,7 +467,7 @@ def grokking_table(summary: dict) -> str:
 def plot_grokking(summary: dict, path: str, *, title: str = "") -> None:
     """Test accuracy (left) and training accuracy (right, log-scaled steps) vs step per arm:
     the mean over seeds (dense and ticket shaded between the seeds' minimum and maximum);
-    the threshold as a line."""
+    the threshold as a dotted line, named in the left panel's legend."""
     import matplotlib
 
     fig, (test_ax, train_ax) = figure(2, width=7.0, height=4.6)
@@ -484,7 +483,10 @@ def plot_grokking(summary: dict, path: str, *, title: str = "") -> None:
             if name in ("dense", "ticket"):  # the other arms' bands would hide the curves
                 ax.fill_between(curve["step"], 100 * np.asarray(c["min"]), 100 * np.asarray(c["max"]), color=color,
                                 alpha=0.15, linewidth=0)
-    test_ax.axhline(100 * summary["config"]["threshold"], color="gray", linewidth=0.8, linestyle=":")
+    threshold = summary["config"]["threshold"]
+    line = test_ax.axhline(100 * threshold, color="gray", linewidth=0.8, linestyle=":",
+                           label=f"{threshold:.0%} threshold")
+    test_ax.legend(handles=[line], fontsize=7, loc="lower right")  # the arms are named in the right panel's legend
     train_ax.set_xscale("symlog", linthresh=max(summary["config"]["eval_every"], 1))  # memorisation is early
     for ax, what in ((test_ax, "test"), (train_ax, "training")):
         ax.set_xlabel("step (full batch)" + (", log scale" if ax is train_ax else ""))

@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from functools import partial
 from types import MappingProxyType
 from typing import NamedTuple, Optional
 
@@ -59,11 +60,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lottojax.checkpoint import load_arrays, load_npz, save_arrays, save_npz
+from lottojax.checkpoint import load_arrays, save_arrays
 from lottojax.experiments.base import ConfigError, ExperimentConfig, build, option, over_seeds, seed_slots, stream_keys
 from lottojax.experiments.metrics import log_history
 from lottojax.experiments.plots import dense_line, figure, save, spread_note
-from lottojax.experiments.store import diverged_runs, exclusive, mean_std, open_run, stats, write_results
+from lottojax.experiments.store import (diverged_runs, exclusive, load_or_run, mean_std, open_run, stats,
+                                        write_results)
 from lottojax.jackpots import (
     jackpot_init,
     jackpot_optimizer,
@@ -279,6 +281,18 @@ class _Programs:
         return self._search[kind, num_steps]
 
 
+def _search_arm(context: _Context, programs: _Programs, name: str, sparsity: float) -> dict:
+    """:func:`_run_arm`, its tickets saved to ``tickets/<arm>-<sparsity>.npz`` (process 0);
+    returns its record."""
+    record, masks, params = _run_arm(context, programs, name, sparsity)
+    if jax.process_index() == 0:
+        save_ticket(os.path.join(context.workdir, "tickets", f"{name}-{sparsity_tag(sparsity)}.npz"), mask=masks,
+                    params=params, seeds=True, metadata={"arm": name, "sparsity": sparsity,
+                                                         "seeds": list(context.config.seeds),
+                                                         "test_accuracy": record["test_accuracy"][:, -1].tolist()})
+    return record
+
+
 def _run_arm(context: _Context, programs: _Programs, name: str, sparsity: float) -> dict:
     """One arm at one sparsity for every seed: per-seed arrays (seeds first) and the final masks."""
     n = context.n
@@ -334,17 +348,12 @@ def run_jackpots(config: JackpotConfig, root: str = "runs", *, progress: bool = 
     for sparsity in config.sparsities:
         tag = sparsity_tag(sparsity)
         for name in config.arms:
-            path = os.path.join(workdir, "arms", f"{name}-{tag}.npz")
-            if os.path.exists(path):  # searched in an earlier call
-                results[(tag, name)] = load_npz(path)
-                continue
-            record, masks, params = _run_arm(context, programs, name, sparsity)
+            record, fresh = load_or_run(os.path.join(workdir, "arms", f"{name}-{tag}.npz"),
+                                        partial(_search_arm, context, programs, name, sparsity))
             results[(tag, name)] = record
+            if not fresh:  # searched in an earlier call
+                continue
             if jax.process_index() == 0:
-                save_ticket(os.path.join(workdir, "tickets", f"{name}-{tag}.npz"), mask=masks, params=params,
-                            seeds=True, metadata={"arm": name, "sparsity": sparsity, "seeds": list(config.seeds),
-                                                  "test_accuracy": record["test_accuracy"][:, -1].tolist()})
-                save_npz(path, record)
                 log_history(workdir, f"{name}-{tag}", {k: v for k, v in record.items() if k != "seconds"},
                             {"seed": config.seeds})
             if progress:

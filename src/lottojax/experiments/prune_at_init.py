@@ -36,11 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lottojax.checkpoint import load_npz, read_json, save_npz, write_json
+from lottojax.checkpoint import read_json, write_json
 from lottojax.experiments.base import ConfigError, ExperimentConfig, build, option, over_seeds, stream_keys
 from lottojax.experiments.metrics import log_history, log_imp_level
 from lottojax.experiments.plots import dense_line, density_axis, figure, save, spread_note
-from lottojax.experiments.store import diverged_runs, exclusive, open_run, stats, write_results
+from lottojax.experiments.store import diverged_runs, exclusive, load_or_run, open_run, stats, write_results
 from lottojax.imp import run_imp
 from lottojax.masks import PyTree, leaves_with_paths, ones_like, prunable_flags, prunable_size
 from lottojax.methods import METHODS, ScoreContext, get_method, prune_with
@@ -113,14 +113,17 @@ def run_prune_at_init(config: PruneAtInitConfig, root: str = "runs", *, progress
     run_method = _method_runner(config, setup, keep_density=imp.density[list(levels), 0])
     results = {}
     for method in config.methods:
-        path = os.path.join(workdir, f"method-{method}.npz")
-        if os.path.exists(path):  # finished in an earlier call
-            results[method] = load_npz(path)
+        histories = {}  # the fresh run's
+
+        def train():  # called at once, in this iteration
+            record, histories[method] = run_method(method)
+            return record
+
+        results[method], fresh = load_or_run(os.path.join(workdir, f"method-{method}.npz"), train)
+        if not fresh:  # finished in an earlier call
             continue
-        results[method], history = run_method(method)
         if jax.process_index() == 0:
-            write_npz(path, results[method])
-            log_history(workdir, f"method-{method}", history, {"level": levels, "seed": config.seeds})
+            log_history(workdir, f"method-{method}", histories[method], {"level": levels, "seed": config.seeds})
         if progress:
             acc = 100 * results[method]["early_stop_accuracy"].mean(1)
             print(f"{method:>10}: {' '.join(f'{a:5.1f}' for a in acc)}  ({results[method]['seconds']:.0f} s)", flush=True)
@@ -135,11 +138,6 @@ def run_prune_at_init(config: PruneAtInitConfig, root: str = "runs", *, progress
     return summary, workdir
 
 
-def write_npz(path: str, arrays: dict) -> None:
-    """``np.savez`` written atomically, its digest recorded (:func:`lottojax.checkpoint.save_npz`)."""
-    save_npz(path, arrays)
-
-
 def _run_imp(config: PruneAtInitConfig, setup, workdir: str, progress: bool):
     """Global IMP (ticket arm only) for all seeds, checkpointed per level; with the seconds
     of the call that finished it."""
@@ -148,10 +146,9 @@ def _run_imp(config: PruneAtInitConfig, setup, workdir: str, progress: bool):
                   scope="global", num_steps=config.num_steps, controls=(), seed_strategy=config.seed_strategy,
                   devices=config.devices, checkpoint_dir=os.path.join(workdir, "imp"), progress=progress,
                   on_level=partial(log_imp_level, workdir, prefix="imp-"))
-    seconds_file = os.path.join(workdir, "imp", "seconds.json")
-    if not os.path.exists(seconds_file):  # a resumed run keeps the first run's figure
-        write_json(seconds_file, time.perf_counter() - start)
-    return imp, read_json(seconds_file)
+    seconds, _ = load_or_run(os.path.join(workdir, "imp", "seconds.json"), lambda: time.perf_counter() - start,
+                             save=write_json, load=read_json)  # a resumed run keeps the first run's figure
+    return imp, seconds
 
 
 def _method_runner(config: PruneAtInitConfig, setup, *, keep_density: np.ndarray) -> Callable[[str], dict]:

@@ -41,7 +41,7 @@ from lottojax.checkpoint import load_arrays, load_npz, save_arrays, save_npz
 from lottojax.experiments.base import ConfigError, ExperimentConfig, build, option, over_seeds, seed_slots, stream_keys
 from lottojax.experiments.metrics import log_history, log_imp_level
 from lottojax.experiments.plots import figure, save, spread_note
-from lottojax.experiments.store import diverged_runs, exclusive, open_run, stats, write_results
+from lottojax.experiments.store import diverged_runs, exclusive, load_or_run, open_run, stats, write_results
 from lottojax.early_bird import detect_early_bird
 from lottojax.imp import run_imp
 from lottojax.masks import PyTree, ones_like, prunable_flags, prunable_size
@@ -205,26 +205,29 @@ def run_robustness(config: RobustnessConfig, root: str = "runs", *, progress: bo
         dense_path = os.path.join(workdir, "dense-params.npz")
         dense_params = pad(load_arrays(dense_path, one_params)) if os.path.exists(dense_path) else \
             jax.tree.map(lambda x: jnp.zeros((slots, *x.shape), x.dtype), one_params)
-        os.makedirs(os.path.join(workdir, "arms"), exist_ok=True)
         measured = {}
         for name in config.arms:
-            path = os.path.join(workdir, "arms", f"{name}.npz")
-            if os.path.exists(path):  # finished in an earlier call
-                measured[name] = _load(path)
-                continue
-            start = time.perf_counter()
-            program = _arm_program(config, setup, ARMS[name], corruptions)
-            out = gather(program(*keys, imp_mask, dense_params, jnp.int32(keep), data))
-            out = jax.tree.map(lambda x: np.asarray(x)[:n], out)
-            diverged = diverged_runs(out["history"].train_loss, out["history"].val_loss)
-            out["measured"] = jax.tree.map(  # a diverged seed is flagged (NaN), never averaged in
-                lambda v: np.where(diverged.reshape(-1, *[1] * (v.ndim - 1)), np.nan, v), out["measured"])
-            measured[name] = dict(measured=out["measured"], kept=_kept(out["mask"], flags),
-                                  seconds=time.perf_counter() - start)
-            if jax.process_index() == 0:
-                if name == "dense":
+            out = {}  # the fresh run's outputs: its history and params too
+
+            def train():  # called at once, in this iteration
+                start = time.perf_counter()
+                program = _arm_program(config, setup, ARMS[name], corruptions)
+                out.update(jax.tree.map(lambda x: np.asarray(x)[:n],
+                                        gather(program(*keys, imp_mask, dense_params, jnp.int32(keep), data))))
+                diverged = diverged_runs(out["history"].train_loss, out["history"].val_loss)
+                out["measured"] = jax.tree.map(  # a diverged seed is flagged (NaN), never averaged in
+                    lambda v: np.where(diverged.reshape(-1, *[1] * (v.ndim - 1)), np.nan, v), out["measured"])
+                record = dict(measured=out["measured"], kept=_kept(out["mask"], flags),
+                              seconds=time.perf_counter() - start)
+                if name == "dense" and jax.process_index() == 0:
                     save_arrays(dense_path, out["params"])
-                _save(path, measured[name])
+                return record
+
+            measured[name], fresh = load_or_run(os.path.join(workdir, "arms", f"{name}.npz"), train, save=_save,
+                                                load=_load)
+            if not fresh:  # finished in an earlier call
+                continue
+            if jax.process_index() == 0:
                 log_history(workdir, name, out["history"], {"seed": config.seeds})
             if name == "dense":
                 dense_params = pad(out["params"])
@@ -306,7 +309,8 @@ def summarize(config: RobustnessConfig, corruptions, keep: int, one_params, meas
 
 def robustness_table(summary: dict) -> str:
     """Clean accuracy and, per corruption, the accuracy drop (points, mean over severities
-    and seeds ± std over seeds) per arm; then the angle/drop rank correlation.
+    and seeds ± std over seeds; ``(k diverged)``: seeds left out) per arm; then the
+    angle/drop rank correlation.
 
     Examples:
       >>> s = {'corruptions': ['shift'], 'angle_drop_spearman': 0.5, 'density': 0.1, 'arms': {'imp': {
@@ -317,7 +321,8 @@ def robustness_table(summary: dict) -> str:
       imp         | 60.0 ± 1.0     | 10.0 ± 2.0   | 10.0 ± 0.0
       angle rise vs accuracy drop, Spearman over every (arm, corruption, severity): 0.50
     """
-    cell = lambda s: f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
+    cell = lambda s: ("diverged" if s["mean"] is None else f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
+                      + (f" ({s['diverged']} diverged)" if s.get("diverged") else ""))
     lines = [f"{'arm':<11} | {'clean':<14} | " + " | ".join(f"{c:<12}" for c in summary["corruptions"]) + " | mean drop"]
     for arm, entry in summary["arms"].items():
         drops = " | ".join(f"{cell(entry['corruptions'][c]['mean_accuracy_drop']):<12}" for c in summary["corruptions"])

@@ -48,7 +48,7 @@ from lottojax.experiments.base import (ConfigError, ExperimentConfig, Setup, bui
                                        make_optimizer, option, over_seeds, stream_keys)
 from lottojax.experiments.metrics import log_history, log_imp_level
 from lottojax.experiments.plots import dense_line, density_axis, figure, save, spread_note
-from lottojax.experiments.store import diverged_runs, exclusive, open_run, stats, write_results
+from lottojax.experiments.store import diverged_runs, exclusive, load_or_run, open_run, stats, write_results
 from lottojax.imp import run_imp
 from lottojax.masks import PyTree, leaves_with_paths, prunable_flags
 from lottojax.optim import get_mask
@@ -305,16 +305,10 @@ def run_sparse_training(config: SparseTrainingConfig, root: str = "runs", *, pro
         dense_flops = forward_flops(jax.eval_shape(setup.model.init, jax.random.key(0))[0])
         context = Context(config, setup, _seed_trainer(config, setup.data, workdir), dense_flops, workdir, progress)
         arms = {}
-        os.makedirs(os.path.join(workdir, "arms"), exist_ok=True)
         for name in config.methods:
-            path = os.path.join(workdir, "arms", f"{name}.json")
-            if os.path.exists(path):  # trained in an earlier call
-                arms[name] = read_json(path)
-                continue
-            arms[name] = ARMS[name](context)
-            if jax.process_index() == 0:
-                write_json(path, arms[name])
-            if progress:
+            arms[name], fresh = load_or_run(os.path.join(workdir, "arms", f"{name}.json"), partial(ARMS[name], context),
+                                            save=write_json, load=read_json)
+            if fresh and progress:
                 cells = "  ".join(f"{100 * r['target']:g}%: {100 * r['accuracy']['mean']:.2f}"
                                   for r in arms[name]["records"])
                 print(f"{name:>13}: {cells}  ({arms[name]['records'][-1]['seconds']:.0f} s)", flush=True)

@@ -19,6 +19,11 @@ It writes into ``<root>/stability-<config hash>/``: ``config.json``, ``results.j
 (per ``k``: mean, std, n and per-seed values), ``results.npz`` (every array, the curves
 along the path included), ``stability.png`` and ``checkpoint/`` plus ``imp-k<k>/``
 (a killed run resumes at the last finished ``k``, and inside it at the last IMP level).
+
+Divergence: an IMP run whose training or validation loss became NaN or inf, a pair of
+copies whose loss along the path did, and the subnetwork of a seed whose ticket diverged
+at any IMP level are NaN in the results: left out of every mean and counted (the table
+says ``(k diverged)``, ``results.json`` lists them).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from lottojax.experiments.base import (ConfigError, ExperimentConfig, Setup, bui
                                        seed_slots, stream_keys)
 from lottojax.experiments.metrics import log_imp_level
 from lottojax.experiments.plots import density_axis, figure, save, spread_note
-from lottojax.experiments.store import exclusive, mean_std, open_run, stats, write_results
+from lottojax.experiments.store import diverged_runs, exclusive, mean_std, open_run, stats, write_results
 from lottojax.imp import ARMS, CONTROLS, run_imp
 from lottojax.masks import ones_like
 from lottojax.seeds import gather, map_seeds, put_seeded
@@ -210,14 +215,24 @@ def _one_rewind_step(config: StabilityConfig, setup: Setup, k: int, workdir: str
     path = _instability(padded(imp.rewind_state), copy_keys, padded(imp.masks[-1]), setup.data, np.int32(k),
                         _stats_batches(setup.model, setup.data, config), config=config, trainer=setup.trainer,
                         model=setup.model)
-    path = jax.tree.map(lambda x: x[:n], gather(path))
+    path = jax.tree.map(lambda x: np.asarray(x[:n]), gather(path))
+    # Divergence is flagged (NaN), never averaged in: an IMP run (level, seed, arm) whose training or
+    # validation loss became non-finite, a pair of copies whose loss along the path did, and the
+    # subnetwork of a seed whose ticket diverged at any level (its mask comes from those weights).
+    imp_diverged = diverged_runs(imp.history.train_loss, imp.history.val_loss)  # (levels, seeds, arms)
+    path_diverged = diverged_runs(path.loss)  # (seeds, 2): the dense network, the subnetwork
+    path_diverged[:, 1] |= imp_diverged[:, :, 0].any(0)
+    on_path = lambda values: np.where(path_diverged.reshape(*path_diverged.shape, *[1] * (values.ndim - 2)),
+                                      np.nan, values)
+    error, loss, barrier = on_path(path.error), on_path(path.loss), on_path(path.barrier)
+    accuracy = np.where(imp_diverged, np.nan, imp.final_accuracy)
     return dict(
-        alpha=np.asarray(path.alpha[0, 0]),
-        dense_error=path.error[:, 0], dense_loss=path.loss[:, 0], dense_barrier=path.barrier[:, 0],
-        sparse_error=path.error[:, 1], sparse_loss=path.loss[:, 1], sparse_barrier=path.barrier[:, 1],
-        density=imp.density[-1], imp_accuracy=imp.final_accuracy[-1],
-        imp_early_stop_accuracy=imp.early_stop_accuracy[-1], dense_accuracy=imp.final_accuracy[0, :, 0],
-        level_density=imp.density, level_accuracy=imp.final_accuracy,
+        alpha=path.alpha[0, 0],
+        dense_error=error[:, 0], dense_loss=loss[:, 0], dense_barrier=barrier[:, 0],
+        sparse_error=error[:, 1], sparse_loss=loss[:, 1], sparse_barrier=barrier[:, 1],
+        density=imp.density[-1], imp_accuracy=accuracy[-1],
+        imp_early_stop_accuracy=np.where(imp_diverged[-1], np.nan, imp.early_stop_accuracy[-1]),
+        dense_accuracy=accuracy[0, :, 0], level_density=imp.density, level_accuracy=accuracy,
     )
 
 
@@ -305,10 +320,10 @@ def stability_summary(result: StabilityResult) -> list[dict]:
 
 
 def plot_stability(result: StabilityResult, path: str, *, title: str = "") -> None:
-    """Saves six panels (mean ± std over seeds): test error along the path for each ``k``
-    (dense; IMP subnetwork), error barrier vs ``k``, accuracy at the final density vs
-    ``k`` for each IMP arm against the dense network, and accuracy vs density at every IMP
-    level for each ``k`` (the ticket; the controls)."""
+    """Saves six panels (mean ± std over the seeds that did not diverge): test error along
+    the path for each ``k`` (dense; IMP subnetwork), error barrier vs ``k``, accuracy at the
+    final density vs ``k`` for each IMP arm against the dense network, and accuracy vs
+    density at every IMP level for each ``k`` (the ticket; the controls)."""
     fig, axes = figure(3, nrows=2)
     import matplotlib
 
@@ -316,22 +331,22 @@ def plot_stability(result: StabilityResult, path: str, *, title: str = "") -> No
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, errors, name in ((axes[0], result.dense_error, "dense"), (axes[1], result.sparse_error, "IMP subnetwork")):
         for i, k in enumerate(ks):
-            mean, std = 100 * errors[i].mean(0), 100 * errors[i].std(0)
+            mean, std = 100 * np.nanmean(errors[i], 0), 100 * np.nanstd(errors[i], 0)
             ax.plot(result.alpha, mean, color=colors[i % len(colors)], label=f"k = {k}")
             ax.fill_between(result.alpha, mean - std, mean + std, color=colors[i % len(colors)], alpha=0.15)
         ax.set_xlabel("interpolation α")
         ax.set_ylabel("test error (%)")
         ax.set_title(f"{name}: error along the path")
     for barrier, name in ((result.dense_barrier, "dense"), (result.sparse_barrier, "IMP subnetwork")):
-        axes[2].errorbar(ks, 100 * barrier.mean(1), yerr=100 * barrier.std(1), marker="o", capsize=3, label=name)
+        axes[2].errorbar(ks, 100 * np.nanmean(barrier, 1), yerr=100 * np.nanstd(barrier, 1), marker="o", capsize=3, label=name)
     axes[2].axhline(2, color="gray", linestyle="--", linewidth=1, label="2% (stable below)")
     axes[2].set_ylabel("error barrier (%)")
     axes[2].set_title("instability vs rewind step")
     for a, arm in enumerate(result.arms):
         acc = 100 * result.imp_accuracy[:, :, a]
-        axes[3].errorbar(ks, acc.mean(1), yerr=acc.std(1), marker="o", capsize=3, label=arm)
+        axes[3].errorbar(ks, np.nanmean(acc, 1), yerr=np.nanstd(acc, 1), marker="o", capsize=3, label=arm)
     dense = 100 * result.dense_accuracy
-    axes[3].errorbar(ks, dense.mean(1), yerr=dense.std(1), color="black", linestyle="--", capsize=3, label="dense")
+    axes[3].errorbar(ks, np.nanmean(dense, 1), yerr=np.nanstd(dense, 1), color="black", linestyle="--", capsize=3, label="dense")
     axes[3].set_ylabel("final test accuracy (%)")
     axes[3].set_title(f"IMP at {100 * result.density.mean():.1f}% density vs rewind step")
     for ax in axes[2:4]:
@@ -345,7 +360,7 @@ def plot_stability(result: StabilityResult, path: str, *, title: str = "") -> No
         for i, k in enumerate(ks):
             for arm in arms:
                 acc = 100 * result.level_accuracy[i, :, :, result.arms.index(arm)]
-                ax.errorbar(density[i], acc.mean(1), yerr=acc.std(1), capsize=2, marker="o", markersize=3,
+                ax.errorbar(density[i], np.nanmean(acc, 1), yerr=np.nanstd(acc, 1), capsize=2, marker="o", markersize=3,
                             color=colors[i % len(colors)], linestyle=styles.get(arm, "-"), label=f"{arm}, k = {k}")
         density_axis(ax, density)
         ax.set_ylabel("final test accuracy (%)")

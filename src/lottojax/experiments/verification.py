@@ -34,6 +34,12 @@ only when an attack fine-tunes), ``results.json``, ``results.npz``,
 ``table.txt`` and ``verification.png`` (per seed: the connectivity map with the window, the
 code, the window after retraining, after 20% extra pruning, and the independent ticket's
 best window).
+
+Divergence: a model whose test loss is NaN or inf (and an IMP level whose training or
+validation loss became so) diverged; its seed is NaN in that model's accuracies and in
+what a verifier reads from it (the independent control: when the next seed's ticket
+diverged), left out of every mean and decode count, and counted (the table says
+``(k diverged)``, ``results.json`` lists it).
 """
 from __future__ import annotations
 
@@ -60,7 +66,7 @@ from lottojax.experiments.base import (
     stream_keys,
 )
 from lottojax.experiments.plots import figure, save
-from lottojax.experiments.store import exclusive, open_run, stats, write_results
+from lottojax.experiments.store import diverged_runs, exclusive, load_or_run, open_run, stats, write_results
 from lottojax.imp import run_imp
 from lottojax.masks import apply_mask, leaves_with_paths
 from lottojax.optim import set_mask
@@ -240,15 +246,11 @@ def _train_program(run: _Run, *, trigger: bool, finetune: bool):
 
 def _trained(run: _Run, name: str, program, *args) -> tuple:
     """Model ``name`` of every seed: loaded from ``models/<name>.npz``, or trained and saved."""
-    path = os.path.join(run.workdir, "models", f"{name}.npz")
-    template = jax.eval_shape(program, *args)
-    if os.path.exists(path):
-        return load_arrays(path, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template))
+    template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(program, *args))
     start = time.perf_counter()
-    out = gather(program(*args))
-    if jax.process_index() == 0:
-        save_arrays(path, out)
-    if run.progress:
+    out, fresh = load_or_run(os.path.join(run.workdir, "models", f"{name}.npz"), lambda: gather(program(*args)),
+                             save=save_arrays, load=lambda path: load_arrays(path, template))
+    if fresh and run.progress:
         print(f"trained {name} ({time.perf_counter() - start:.0f} s)", flush=True)
     return out
 
@@ -328,7 +330,6 @@ def run_verification(config: VerificationConfig, root: str = "runs", *, progress
                       checkpoint_dir=os.path.join(workdir, "imp"), progress=progress)
     imp_seconds = time.perf_counter() - start
     n = len(config.seeds)
-    os.makedirs(os.path.join(workdir, "models"), exist_ok=True)
     data = put_seeded(setup.data, config.devices, stacked=False)
     run = _Run(config, setup, signature, workdir, progress)
     pad = lambda tree: put_seeded(jax.tree.map(lambda x: np.concatenate(
@@ -356,11 +357,20 @@ def run_verification(config: VerificationConfig, root: str = "runs", *, progress
             finetuned[arm] = _trained(run, f"{arm}-finetuned", finetune, start, pad(arm_mask), triggers.x, triggers.y,
                                       data_keys, data)
 
-    evaluate = over_seeds(config, lambda p, s, m, tx, ty, data: (
-        setup.trainer.evaluate(apply_mask(p, m), s, data.x_test, data.y_test).accuracy,
-        setup.trainer.evaluate(apply_mask(p, m), s, tx, ty).accuracy), (0, 0, 0, 0, 0, None))
-    accuracy = lambda model, m: [np.asarray(a)[:n] for a in gather(evaluate(pad(model[0]), pad(model[1]), pad(m),
-                                                                              triggers.x, triggers.y, data))]
+    def evaluate_one(params, state, mask, trigger_x, trigger_y, data):
+        test = setup.trainer.evaluate(apply_mask(params, mask), state, data.x_test, data.y_test)
+        trigger = setup.trainer.evaluate(apply_mask(params, mask), state, trigger_x, trigger_y)
+        return test.accuracy, trigger.accuracy, ~jnp.isfinite(test.loss)
+
+    evaluate = over_seeds(config, evaluate_one, (0, 0, 0, 0, 0, None))
+
+    def accuracy(model, m):
+        """Per seed: test accuracy and trigger accuracy of ``model`` under mask ``m``, NaN
+        where the model diverged (its test loss is NaN or inf), and that flag."""
+        test, trigger_accuracy, diverged = (np.asarray(a)[:n] for a in gather(
+            evaluate(pad(model[0]), pad(model[1]), pad(m), triggers.x, triggers.y, data)))
+        return np.where(diverged, np.nan, test), np.where(diverged, np.nan, trigger_accuracy), diverged
+
     prune = _pruner(config, pad, n, jax.vmap(jax.random.fold_in, (0, None))(control_keys, RANDOM_PRUNING))
     results, windows = {}, {}
     for name in config.attacks:
@@ -368,23 +378,25 @@ def run_verification(config: VerificationConfig, root: str = "runs", *, progress
         models = {"signed": finetuned["signed"] if attack.finetune else signed,
                   "trigger": finetuned["trigger"] if attack.finetune else trigger}
         masks = {arm: prune(attack, models[arm][0], m) for arm, m in (("signed", signed_mask), ("trigger", mask))}
-        test, _ = accuracy(models["signed"], masks["signed"])
-        trigger_test, trigger_acc = accuracy(models["trigger"], masks["trigger"])
+        test, _, signed_diverged = accuracy(models["signed"], masks["signed"])
+        trigger_test, trigger_acc, _ = accuracy(models["trigger"], masks["trigger"])
         reads = [_read(signature, _seed(masks["signed"], i), placements[i]) for i in range(n)]
         windows.update({(name, i): window for i, (_, window) in enumerate(reads)})
         results[name] = {"test_accuracy": test, "trigger_accuracy": trigger_acc, "trigger_test_accuracy": trigger_test,
-                         "reads": [read for read, _ in reads]}
+                         "reads": _flagged(reads, signed_diverged)}
 
     # The ambiguity control: the next seed's ticket and its unsigned model.
-    independent = {"reads": [], "placements": []}
+    before_test, unmarked_trigger, before_diverged = accuracy(before, mask)
+    independent = {"placements": []}
+    reads = []
     for i in range(n):
         at = locate_signature(_seed(mask, (i + 1) % n), signature.code, prunable=config.prunable)
-        read, windows[("independent", i)] = _read(signature, _seed(mask, (i + 1) % n), at)
-        independent["reads"].append(read)
+        reads.append(_read(signature, _seed(mask, (i + 1) % n), at))
+        windows[("independent", i)] = reads[-1][1]
         independent["placements"].append(at._asdict())
     next_seed = lambda tree: jax.tree.map(lambda x: np.roll(x, -1, axis=0), tree)
-    _, independent["trigger_accuracy"] = accuracy(next_seed(before), next_seed(mask))
-    before_test, unmarked_trigger = accuracy(before, mask)
+    _, independent["trigger_accuracy"], _ = accuracy(next_seed(before), next_seed(mask))
+    independent["reads"] = _flagged(reads, next_seed(before_diverged))  # the next seed's ticket diverged
 
     summary = summarize(config, signature, imp, imp_seconds, before_test, unmarked_trigger, embed_records, results,
                         independent)
@@ -403,26 +415,48 @@ def run_verification(config: VerificationConfig, root: str = "runs", *, progress
     return summary, workdir
 
 
+def _flagged(reads: list, diverged) -> list:
+    """The reads (``(read, window)`` per seed) of :func:`_read`, those of the seeds whose
+    model diverged replaced by NaN bit errors and ``None`` decodes: flagged, not counted."""
+    return [{k: (float("nan") if k.startswith("bit_error") else None) for k in read} if flag else read
+            for (read, _), flag in zip(reads, np.asarray(diverged, bool))]
+
+
 def _reads_summary(reads: list) -> dict:
+    """Bit errors as :func:`stats` (a diverged seed's NaN left out and counted); decodes as a
+    count over the seeds that did not diverge (``per_seed`` ``None`` for those that did).
+
+    Examples:
+      >>> reads = [{'bit_error': 0.0, 'decoded': True}, {'bit_error': 0.5, 'decoded': False},
+      ...          {'bit_error': float('nan'), 'decoded': None}]
+      >>> out = _reads_summary([dict(r, bit_error_diluted=r['bit_error']) for r in reads])
+      >>> out['bit_error']['n'], out['bit_error']['diverged'], out['decoded']
+      (2, 1, {'count': 1, 'n': 2, 'per_seed': [True, False, None]})
+    """
     out = {k: stats([r[k] for r in reads]) for k in ("bit_error", "bit_error_diluted")}
     for k in ("decoded", "decoded_fixed"):
         if reads and k in reads[0]:
-            out[k] = {"count": int(sum(r[k] for r in reads)), "n": len(reads), "per_seed": [bool(r[k]) for r in reads]}
+            values = [r[k] for r in reads]
+            out[k] = {"count": int(sum(v is True for v in values)), "n": sum(v is not None for v in values),
+                      "per_seed": [None if v is None else bool(v) for v in values]}
     return out
 
 
 def summarize(config, signature: Signature, imp, imp_seconds, before_test, unmarked_trigger, embed_records,
               results, independent) -> dict:
     """The JSON summary: IMP's ticket, the embedding, per attack the signed model's test
-    accuracy and what a verifier reads, the trigger model's accuracies; the controls."""
+    accuracy and what a verifier reads, the trigger model's accuracies; the controls. A
+    diverged seed (NaN already in ``results``, ``before_test`` ...; IMP's from its losses)
+    is left out of every statistic and counted."""
     last = len(imp.density) - 1
+    imp_diverged = diverged_runs(imp.history.train_loss, imp.history.val_loss)  # (levels, seeds, arms)
     return {
         "config": dataclasses.asdict(config),
         "signature": {"text": signature.text, "shape": list(signature.code.shape),
                       "data_cells": int(signature.data.sum()), "cells": int(signature.code.size)},
         "imp": {"density": float(imp.density[last].mean()), "level": last, "seconds": imp_seconds,
-                "ticket_final_accuracy": stats(imp.final_accuracy[last, :, 0]),
-                "dense_final_accuracy": stats(imp.final_accuracy[0, :, 0])},
+                "ticket_final_accuracy": stats(imp.final_accuracy[last, :, 0], diverged=imp_diverged[last, :, 0]),
+                "dense_final_accuracy": stats(imp.final_accuracy[0, :, 0], diverged=imp_diverged[0, :, 0])},
         "before": {"test_accuracy": stats(before_test), "trigger_accuracy": stats(unmarked_trigger)},
         "embedding": embed_records,
         "attacks": {name: {"test_accuracy": stats(r["test_accuracy"]),
@@ -457,7 +491,8 @@ def verification_table(summary: dict) -> str:
       none            90.00 ± 0.00      0.00 ± 0.00    0.00 ± 0.00  3/3      3/3           | 100.00 ± 0.00  90.00 ± 0.00
       independent     (best window)     0.00 ± 0.00    0.00 ± 0.00  0/3      3/3           | 100.00 ± 0.00
     """
-    cell = lambda s: f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+    cell = lambda s: ("diverged" if s["mean"] is None else f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+                      + (f" ({s['diverged']} diverged)" if s.get("diverged") else ""))
     count = lambda r, k: f"{r[k]['count']}/{r[k]['n']}" if k in r else "n/a"
     before = summary["before"]
     lines = [f"ticket: {100 * summary['imp']['density']:.2f}% of the pruned kernels; unsigned test accuracy "
