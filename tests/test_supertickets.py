@@ -11,8 +11,9 @@ import lottojax as lj
 from lottojax.early_bird import slimming_penalty
 from lottojax.masks import leaves_with_paths
 from lottojax.models import create
-from lottojax.supertickets import (flops_weights, pruning_sparsity, rebuilt_mask, removable_channels,
-                                   update_scale_averages)
+from lottojax.slimming import channel_plan, shrink
+from lottojax.supertickets import (event_due, flops_weights, prune_to_sparsity, pruning_sparsity, rebuilt_mask,
+                                   removable_channels, shrink_averages, update_scale_averages)
 
 
 def test_pruning_schedule_values_python_and_traced():
@@ -27,16 +28,29 @@ def test_pruning_schedule_values_python_and_traced():
 
 
 def test_exact_global_density_after_each_pruning_event():
+    """Each event of the schedule prunes the survivors (by |θ|) to exactly round(s_e * N) of
+    the N kernel entries, a pruned weight never returns, and the result is the global
+    magnitude mask drawn from scratch (pruned weights are 0, the smallest magnitudes)."""
     net = create("cnn1d", input_shape=(40,), num_classes=10, channels=(8, 8))
     params = net.init(jax.random.key(0))[0]
-    prunable = lambda path, leaf: path.endswith("kernel")
-    total = sum(int(np.prod(x.shape)) for p, x in zip(*leaves_with_paths(params)[:2]) if p.endswith("kernel"))
+    kernels = lambda tree: [x for p, x in zip(*leaves_with_paths(tree)[:2]) if p.endswith("kernel")]
+    total = sum(x.size for x in kernels(params))
     mask = lj.ones_like(params)
+    event = jax.jit(prune_to_sparsity, static_argnums=2)
     for epoch in range(12):
         sparsity = pruning_sparsity(epoch, every=3, step=0.1, target=0.9)
-        mask = lj.prune_global(lj.magnitude(params), lj.ones_like(params), sparsity, prunable=prunable)
-        kept = sum(int(m.sum()) for p, m in zip(*leaves_with_paths(mask)[:2]) if p.endswith("kernel"))
-        assert kept == total - round(sparsity * total), epoch
+        new = event(params, mask, sparsity)
+        assert sum(int(m.sum()) for m in kernels(new)) == total - round(sparsity * total), epoch
+        assert all(bool(jnp.all(n <= m)) for n, m in zip(jax.tree.leaves(new), jax.tree.leaves(mask)))  # only shrinks
+        reference = lj.prune_global(lj.magnitude(params), lj.ones_like(params), sparsity, prunable=lambda p, x: p.endswith("kernel"))
+        assert all(bool(jnp.array_equal(a, b)) for a, b in zip(kernels(new), kernels(reference))), epoch
+        mask = new
+        params = lj.apply_mask(params, mask)
+    # A mask that already prunes more than the schedule asks is left alone (nothing regrows).
+    sparse = prune_to_sparsity(params, mask, 0.2)
+    assert all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(sparse), jax.tree.leaves(mask)))
+    with pytest.raises(ValueError, match="sparsity=1.0"):
+        prune_to_sparsity(params, mask, 1.0)
 
 
 def test_flops_weighted_warmed_up_penalty_gradient_is_rho_t_pi_sign_gamma():
@@ -87,7 +101,36 @@ def test_channel_removal_needs_both_gamma_and_its_average_small():
         update_scale_averages({"bn0/scale": jnp.zeros(3)}, params)
 
 
-def test_rebuilt_masks_reactivate_or_keep():
-    shrunk = {"conv0": {"kernel": jnp.array([[True, False]])}}
-    assert bool(rebuilt_mask(shrunk, reactivate=True)["conv0"]["kernel"].all())
-    assert rebuilt_mask(shrunk, reactivate=False) is shrunk
+def test_rebuilt_layers_reactivate_or_keep_their_masks():
+    params = {"conv0": {"kernel": jnp.arange(12.0).reshape(1, 3, 4)}, "bn0": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
+              "conv1": {"kernel": jnp.ones((1, 4, 2))}, "bn1": {"scale": jnp.ones(2), "bias": jnp.zeros(2)},
+              "output": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}
+    mask = jax.tree.map(lambda x: jnp.arange(x.size).reshape(x.shape) % 3 != 0, params)
+    plan = channel_plan("cnn1d", {"bn0/scale": jnp.array([True, False, True, True])}, params)
+    shrunk = shrink(plan, mask)
+    kept = rebuilt_mask(mask, shrunk, reactivate=False)
+    back = rebuilt_mask(mask, shrunk, reactivate=True)
+    assert kept is shrunk
+    for layer in ("conv0", "conv1"):  # rebuilt (shape changed): all ones
+        assert bool(back[layer]["kernel"].all()) and not bool(kept[layer]["kernel"].all())
+    for layer in ("output",):  # same shape: keeps its mask
+        assert bool(jnp.array_equal(back[layer]["kernel"], mask[layer]["kernel"]))
+    np.testing.assert_array_equal(kept["conv0"]["kernel"], np.asarray(mask["conv0"]["kernel"])[..., [0, 2, 3]])
+    with pytest.raises(ValueError, match="same tree structure"):
+        rebuilt_mask({"a": mask["conv0"]}, shrunk, reactivate=True)
+
+
+def test_running_averages_follow_the_channels_a_plan_keeps():
+    averages = {"bn0/scale": jnp.array([0.1, 0.2, 0.3, 0.4]), "bn1/scale": jnp.array([1.0, 2.0])}
+    out = shrink_averages({"bn0": np.array([1, 3]), "bn1": np.array([0, 1])}, averages)
+    np.testing.assert_allclose(out["bn0/scale"], [0.2, 0.4])
+    np.testing.assert_allclose(out["bn1/scale"], [1.0, 2.0])
+    with pytest.raises(ValueError, match="no layer 'bn1'"):
+        shrink_averages({"bn0": np.array([0])}, averages)
+
+
+def test_event_epochs():
+    assert [e for e in range(1, 43) if event_due(e, every=6, start=4, stop=28)] == [4, 10, 16, 22, 28]
+    assert [e for e in range(1, 10) if event_due(e, every=3)] == [3, 6, 9]  # pruning events of the small config
+    with pytest.raises(ValueError, match="every=0"):
+        event_due(3, every=0)

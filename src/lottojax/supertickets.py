@@ -13,7 +13,9 @@ The joint search trains a supernet with
 
 When a layer is rebuilt smaller, its weights can get an all-ones mask (the reference code:
 earlier-pruned weights come back, :func:`rebuilt_mask` with ``reactivate=True``) or keep
-their mask.
+their mask. Each pruning event prunes exactly to the schedule's sparsity
+(:func:`prune_to_sparsity`); :func:`event_due` says which epochs have an event.
+:mod:`lottojax.experiments.supertickets` runs the whole search.
 
 Examples:
   >>> [pruning_sparsity(e, every=3, step=0.1, target=0.9) for e in (0, 1, 2, 5, 30)]
@@ -29,7 +31,9 @@ import numpy as np
 
 from lottojax.compact import count
 from lottojax.early_bird import bn_scales
-from lottojax.masks import PyTree, Spec, ones_like
+from lottojax.masks import PyTree, Spec, leaves_with_paths, prunable_flags
+from lottojax.prune import remove_lowest_global
+from lottojax.scores import magnitude
 
 
 def pruning_sparsity(epoch, *, every: int, step: float, target: float):
@@ -102,8 +106,74 @@ def removable_channels(params: PyTree, averages: Mapping[str, jax.Array], *, thr
     return keep
 
 
-def rebuilt_mask(shrunk_mask: PyTree, *, reactivate: bool) -> PyTree:
-    """The weight mask of a net just rebuilt smaller: all ones (``reactivate``: pruned
-    weights of the surviving channels come back, as in the reference code) or the old mask
-    shrunk with the same plan (``shrunk_mask``)."""
-    return ones_like(shrunk_mask) if reactivate else shrunk_mask
+def rebuilt_mask(old_mask: PyTree, shrunk_mask: PyTree, *, reactivate: bool) -> PyTree:
+    """The weight mask of a net just rebuilt smaller (``shrunk_mask``: ``old_mask`` cut with
+    the same channel plan). A layer is rebuilt when its leaf changed shape; with
+    ``reactivate`` its mask becomes all ones, so weights pruned earlier in the surviving
+    channels come back (the reference code: "connectivity may change"); layers that kept
+    their shape, and every layer without ``reactivate``, keep their mask.
+
+    Examples:
+      >>> old = {'conv0': {'kernel': jnp.array([[True, False, True]])}, 'conv1': {'kernel': jnp.array([[False]])}}
+      >>> shrunk = {'conv0': {'kernel': jnp.array([[False, True]])}, 'conv1': {'kernel': jnp.array([[False]])}}
+      >>> new = rebuilt_mask(old, shrunk, reactivate=True)
+      >>> new['conv0']['kernel'].tolist(), new['conv1']['kernel'].tolist()
+      ([[True, True]], [[False]])
+    """
+    if jax.tree.structure(old_mask) != jax.tree.structure(shrunk_mask):
+        raise ValueError("old_mask and shrunk_mask must have the same tree structure (shrink old_mask with the plan)")
+    if not reactivate:
+        return shrunk_mask
+    return jax.tree.map(lambda old, new: new if jnp.shape(old) == jnp.shape(new) else jnp.ones_like(new, bool),
+                        old_mask, shrunk_mask)
+
+
+def shrink_averages(kept: Mapping[str, np.ndarray], averages: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The running averages of the channels a plan keeps (``kept``: :attr:`ChannelPlan.kept
+    <lottojax.slimming.ChannelPlan.kept>`, BatchNorm layer -> surviving indices).
+
+    Examples:
+      >>> shrink_averages({'bn0': np.array([0, 2])}, {'bn0/scale': jnp.array([.1, .2, .3])})['bn0/scale'].tolist()
+      [0.10000000149011612, 0.30000001192092896]
+    """
+    out = {}
+    for path, average in averages.items():
+        layer = path.rsplit("/", 1)[0]
+        if layer not in kept:
+            raise ValueError(f"averages[{path!r}]: the plan has no layer {layer!r} (layers: {sorted(kept)})")
+        out[path] = jnp.asarray(average)[jnp.asarray(kept[layer])]
+    return out
+
+
+def prune_to_sparsity(params: PyTree, mask: PyTree, sparsity: float, *, prunable: Spec = None) -> PyTree:
+    """Global magnitude pruning of the survivors of ``mask`` until exactly
+    ``round(sparsity * N)`` of the ``N`` prunable weights are pruned (one pruning event of
+    gradual pruning). A pruned weight never comes back: a mask that already prunes more is
+    returned as it is.
+
+    Examples:
+      >>> params = {'w': jnp.array([[0.5, -3., 1., 2.]])}
+      >>> mask = {'w': jnp.array([[True, True, False, True]])}
+      >>> prune_to_sparsity(params, mask, 0.5)['w'].tolist()
+      [[False, True, False, True]]
+    """
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
+    leaves = leaves_with_paths(params)[1]
+    total = sum(int(np.prod(jnp.shape(leaf))) for leaf, flag in zip(leaves, prunable_flags(params, prunable)) if flag)
+    keep = total - round(sparsity * total)
+    return remove_lowest_global(magnitude(params), mask, lambda alive: alive - keep, prunable=prunable)
+
+
+def event_due(epochs_done: int, *, every: int, start: int = 0, stop: Optional[int] = None) -> bool:
+    """Whether an event that happens every ``every`` epochs from ``start`` (epochs done,
+    1-based) until ``stop`` (inclusive; ``None``: never stops) falls after ``epochs_done`` epochs.
+
+    Examples:
+      >>> [e for e in range(1, 20) if event_due(e, every=3, start=4, stop=13)]
+      [4, 7, 10, 13]
+    """
+    if every < 1:
+        raise ValueError(f"every={every} must be >= 1")
+    in_window = epochs_done >= start and (stop is None or epochs_done <= stop)
+    return bool(in_window and (epochs_done - start) % every == 0)

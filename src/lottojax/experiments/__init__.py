@@ -24,6 +24,7 @@ from lottojax.experiments.stability import (
 from lottojax.experiments.sparse_training import SparseTrainingConfig, run_sparse_training, sparse_training_table
 from lottojax.experiments.store import (
     RunLockedError, diverged_runs, exclusive, load_or_run, mean_std, read_results, stats)
+from lottojax.experiments.supertickets import SuperTicketsConfig, run_supertickets, supertickets_table
 from lottojax.experiments.verification import VerificationConfig, run_verification, verification_table
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "SparseTrainingConfig",
     "StabilityConfig",
     "StabilityResult",
+    "SuperTicketsConfig",
     "VerificationConfig",
     "build",
     "check_dataset",
@@ -68,9 +70,11 @@ __all__ = [
     "run_robustness",
     "run_sparse_training",
     "run_stability",
+    "run_supertickets",
     "run_verification",
     "sparse_training_table",
     "stability_table",
     "stats",
+    "supertickets_table",
     "verification_table",
 ]
