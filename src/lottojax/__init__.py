@@ -41,14 +41,19 @@ from lottojax.methods import METHODS, PruningMethod, ScoreContext, get_method, p
 from lottojax.optim import MaskedUpdatesState, get_mask, mask_state, masked_updates, set_mask
 from lottojax.prune import prune_global, prune_layerwise, rates_by_layer
 from lottojax.reprogram import (
+    Reprogram,
     expected_calibration_error,
     frequency_label_mapping,
     label_counts,
+    linear_probe,
     mapped_logits,
     n_shot_indices,
     pad_into,
     prompt_area,
+    source_features,
+    source_logits,
     visual_prompt,
+    visual_prompting,
 )
 from lottojax.rewind import random_reinit, rewind, shuffle_mask
 from lottojax.robustness import (
@@ -111,6 +116,7 @@ __all__ = [
     "MaskedUpdatesState",
     "Placement",
     "PruningMethod",
+    "Reprogram",
     "SPARSE_METHODS",
     "ScoreContext",
     "Signature",
@@ -161,6 +167,7 @@ __all__ = [
     "last_layer_geometry",
     "layer_densities",
     "layer_report",
+    "linear_probe",
     "load_ticket",
     "locate_signature",
     "magnitude",
@@ -203,6 +210,8 @@ __all__ = [
     "sign_vote",
     "slimming_penalty",
     "snip",
+    "source_features",
+    "source_logits",
     "sparse_training",
     "sparsity",
     "sr_ste_decay",
@@ -217,6 +226,7 @@ __all__ = [
     "trigger_set",
     "uplink_bits",
     "visual_prompt",
+    "visual_prompting",
     "weight_mask",
     "weighted_mean",
     "with_fixed_cells",

@@ -13,6 +13,7 @@ from lottojax.experiments.grokking import GrokkingConfig, grokking_table, run_gr
 from lottojax.experiments.jackpots import JackpotConfig, jackpot_table, run_jackpots
 from lottojax.experiments.lottery import LotteryConfig, imp_table, load_lottery, run_lottery
 from lottojax.experiments.metrics import log_history, read_metrics
+from lottojax.experiments.reprogram import ReprogramConfig, reprogram_table, run_reprogram
 from lottojax.experiments.robustness import RobustnessConfig, robustness_table, run_robustness
 from lottojax.experiments.stability import (
     CNN1DStabilityConfig,
@@ -37,6 +38,7 @@ __all__ = [
     "GrokkingConfig",
     "JackpotConfig",
     "LotteryConfig",
+    "ReprogramConfig",
     "RobustnessConfig",
     "RunLockedError",
     "Setup",
@@ -61,12 +63,14 @@ __all__ = [
     "mean_std",
     "read_metrics",
     "read_results",
+    "reprogram_table",
     "robustness_table",
     "run_early_bird",
     "run_federated",
     "run_grokking",
     "run_jackpots",
     "run_lottery",
+    "run_reprogram",
     "run_robustness",
     "run_sparse_training",
     "run_stability",
