@@ -2,6 +2,7 @@
 call resumes; inside the run every pruning event reaches exactly the scheduled density;
 channel removal makes the network (and its FLOPs) smaller; the FLOP bookkeeping matches
 hand counts of the CNN1D's kernels."""
+import dataclasses
 import json
 import os
 
@@ -87,3 +88,19 @@ def test_outputs_are_written_and_a_second_call_resumes(run):
     again, same = run_supertickets(TINY, root, progress=False)
     assert same == workdir and again == summary
     assert stamps == {name: os.path.getmtime(os.path.join(workdir, "arms", name, "seed0.npz")) for name in TINY.arms}
+
+
+def test_a_diverged_seed_is_flagged_and_the_other_is_unchanged(run, tmp_path, poison_init):
+    """Seed 1 starts from NaN weights: its arm stops at the first epoch, is NaN in the
+    results and counted; seed 0's figures equal the clean run's."""
+    from lottojax.experiments import supertickets
+
+    _, clean, _ = run
+    poison_init(1, module=supertickets)
+    config = dataclasses.replace(TINY, seeds=(0, 1), arms=("joint",))
+    summary, _ = run_supertickets(config, str(tmp_path), progress=False)
+    accuracy = summary["arms"]["joint"]["accuracy"]
+    assert accuracy["diverged"] == 1 and accuracy["n"] == 1 and np.isnan(accuracy["per_seed"][1])
+    assert accuracy["per_seed"][0] == clean["arms"]["joint"]["accuracy"]["per_seed"][0]
+    assert summary["arms"]["joint"]["epochs"] == [TINY.epochs, 1]  # the diverged seed stopped at once
+    assert "(1 diverged)" in supertickets_table(summary).splitlines()[1]
