@@ -33,8 +33,8 @@ from lottojax.train import History
 
 DRIVER = r"""
 import sys
-from lottojax.experiments import (early_bird, federated, grokking, jackpots, lottery, prune_at_init, robustness,
-                                  sparse_training, stability, verification)
+from lottojax.experiments import (early_bird, federated, grokking, jackpots, lottery, prune_at_init, reprogram,
+                                  robustness, sparse_training, stability, supertickets, verification)
 CONFIGS = {
     "lottery": (lottery.run_lottery, lottery.LotteryConfig(
         widths=(16, 8), seeds=(0, 1), rounds=1, num_steps=20, eval_every=10, controls=("shuffle",))),
@@ -66,13 +66,20 @@ CONFIGS = {
     "robustness": (robustness.run_robustness, robustness.RobustnessConfig(
         widths=(16, 8), num_steps=40, eval_every=20, batch_size=500, seeds=(0, 1), rounds=1,
         corruptions=("signal_noise", "shift"), arms=("dense", "imp", "magnitude", "random"))),
+    "supertickets": (supertickets.run_supertickets, supertickets.SuperTicketsConfig(
+        widths=(8, 8), seeds=(0, 1), epochs=4, penalty=20.0, warmup_epochs=1, threshold=0.2, remove_every=2,
+        remove_start=3, remove_stop=3, prune_every=2, prune_step=0.4, target_sparsity=0.8, pipeline_epochs=(4, 1, 1),
+        arms=("joint", "pipeline"))),
+    "reprogram": (reprogram.run_reprogram, reprogram.ReprogramConfig(
+        seeds=(0, 1), levels=(0, 2), num_steps=60, eval_every=30, reprogram_steps=10, reprogram_evaluations=2,
+        shots=(0, 3))),
 }
 run, config = CONFIGS[sys.argv[1]]
 _, workdir = run(config, sys.argv[2], progress=False)
 print("WORKDIR", workdir)
 """
 EXPERIMENTS = ("lottery", "early_bird", "prune_at_init", "stability", "jackpots", "grokking", "sparse_training",
-               "verification", "federated", "robustness")
+               "verification", "federated", "robustness", "supertickets", "reprogram")
 KILLED = -signal.SIGKILL
 
 
