@@ -14,10 +14,12 @@ these functions run outside ``jit`` (the network's structure changes).
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 from lottojax.masks import PyTree, Spec, leaves_with_paths, prunable_flags
@@ -100,6 +102,63 @@ def _renumbered(tree: PyTree, kept: list[str]) -> PyTree:
     return type(tree)(out) if isinstance(tree, dict) else out
 
 
+def random_block_scores(params: PyTree, *, key: jax.Array) -> dict[str, jax.Array]:
+    """One uniform draw per residual block: ranking by it removes every removable block
+    with the same probability, whatever its size (summing per-weight random scores would
+    favour removing the blocks with fewer weights).
+
+    Examples:
+      >>> params = {'stage0_block0': {'conv0': 0}, 'stage0_block1': {'conv0': 0}}
+      >>> draws = random_block_scores(params, key=jax.random.key(0))
+      >>> sorted(draws), all(0 <= float(v) < 1 for v in draws.values())
+      (['stage0_block0', 'stage0_block1'], True)
+    """
+    names = _block_names(params)
+    draws = jax.random.uniform(key, (len(names),))
+    return {name: draws[i] for i, name in enumerate(names)}
+
+
+def remove_lowest_blocks(params: PyTree, model_state: PyTree, totals: dict, *, count: int) -> LayerTicket:
+    """Removes the ``count`` removable blocks with the lowest ``totals`` (block name -> a
+    number, e.g. :func:`block_scores` or :func:`random_block_scores`).
+
+    Ties remove the earlier block first. :func:`remove_blocks` is this on summed per-weight
+    scores; see it for ``params``, ``model_state`` and ``count``.
+
+    Examples:
+      >>> params = {'conv0': {'kernel': jnp.ones((3, 3, 1, 2))}, 'stage0_block0': {'conv0': {'kernel': 1.}},
+      ...           'stage0_block1': {'conv0': {'kernel': 2.}}}
+      >>> ticket = remove_lowest_blocks(params, {}, {'stage0_block0': 5.0, 'stage0_block1': 1.0}, count=1)
+      >>> ticket.removed, ticket.stage_sizes, ticket.params['stage0_block0']['conv0']['kernel']
+      (('stage0_block1',), (1,), 1.0)
+    """
+    names = _block_names(params)
+    removable = removable_blocks(params)
+    if not 0 <= count <= len(removable):
+        raise ValueError(
+            f"count={count}: this network has {len(removable)} removable blocks ({removable}); "
+            "blocks with a shortcut_conv (next to downsampling) are kept"
+        )
+    missing = [k for k in names if k not in totals]
+    if missing:
+        raise ValueError(f"totals has no score for blocks {missing}; give one number per block of params")
+    totals = {k: float(totals[k]) for k in names}
+    order = sorted(removable, key=lambda k: (totals[k], names.index(k)))
+    removed = set(order[:count])
+    kept = [k for k in names if k not in removed]
+    sizes = [0] * (1 + max(int(_BLOCK.fullmatch(k).group(1)) for k in names))
+    for name in kept:
+        sizes[int(_BLOCK.fullmatch(name).group(1))] += 1
+    state = {collection: _renumbered(tree, kept) for collection, tree in model_state.items()}
+    return LayerTicket(
+        stage_sizes=tuple(sizes),
+        removed=tuple(k for k in names if k in removed),
+        block_scores=totals,
+        params=_renumbered(params, kept),
+        model_state=type(model_state)(state) if isinstance(model_state, dict) else state,
+    )
+
+
 def remove_blocks(params: PyTree, model_state: PyTree, scores: PyTree, *, count: int, prunable: Spec = None) -> LayerTicket:
     """Removes the ``count`` removable blocks with the lowest summed ``scores``.
 
@@ -126,25 +185,60 @@ def remove_blocks(params: PyTree, model_state: PyTree, scores: PyTree, *, count:
       >>> sorted(ticket.params)
       ['bn0', 'conv0', 'output', 'stage1_block0', 'stage1_block1']
     """
-    names = _block_names(params)
-    removable = removable_blocks(params)
-    if not 0 <= count <= len(removable):
-        raise ValueError(
-            f"count={count}: this network has {len(removable)} removable blocks ({removable}); "
-            "blocks with a shortcut_conv (next to downsampling) are kept"
-        )
-    totals = {k: float(v) for k, v in block_scores(scores, prunable=prunable).items()}
-    order = sorted(removable, key=lambda k: (totals[k], names.index(k)))
-    removed = set(order[:count])
-    kept = [k for k in names if k not in removed]
-    sizes = [0] * (1 + max(int(_BLOCK.fullmatch(k).group(1)) for k in names))
-    for name in kept:
-        sizes[int(_BLOCK.fullmatch(name).group(1))] += 1
-    state = {collection: _renumbered(tree, kept) for collection, tree in model_state.items()}
-    return LayerTicket(
-        stage_sizes=tuple(sizes),
-        removed=tuple(k for k in names if k in removed),
-        block_scores=totals,
-        params=_renumbered(params, kept),
-        model_state=type(model_state)(state) if isinstance(model_state, dict) else state,
-    )
+    return remove_lowest_blocks(params, model_state, block_scores(scores, prunable=prunable), count=count)
+
+
+def _matmul_flops(eqn) -> float:
+    """2 × multiply-adds of one ``conv_general_dilated`` or ``dot_general``; 0 otherwise."""
+    out = eqn.outvars[0].aval
+    if eqn.primitive.name == "conv_general_dilated":
+        kernel = eqn.invars[1].aval
+        out_features = kernel.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
+        return 2.0 * math.prod(out.shape) * math.prod(kernel.shape) / out_features
+    if eqn.primitive.name == "dot_general":
+        (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval
+        return 2.0 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in lhs_contracting)
+    return 0.0
+
+
+def _sub_jaxprs(value) -> list:
+    if isinstance(value, jax.extend.core.ClosedJaxpr):
+        return [value.jaxpr]
+    if isinstance(value, jax.extend.core.Jaxpr):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [j for v in value for j in _sub_jaxprs(v)]
+    return []
+
+
+def _jaxpr_flops(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        total += _matmul_flops(eqn)
+        name = eqn.primitive.name
+        if name == "while":
+            raise ValueError("traced_flops: the function has a while loop, whose trip count is unknown")
+        inner = [_jaxpr_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v)]
+        if name == "cond":  # one branch runs: count the dearest
+            total += max(inner, default=0.0)
+        else:
+            total += sum(inner) * (eqn.params["length"] if name == "scan" else 1)
+    return total
+
+
+def traced_flops(fn, *args) -> float:
+    """FLOPs of one call ``fn(*args)``: 2 per multiply-add of every convolution and matrix
+    product in its traced program (nested calls and scans included, a ``cond`` counted by
+    its dearest branch). Elementwise work (BatchNorm, activations, additions, pooling) is
+    not counted, as in the usual FLOP counts of convolutional networks.
+
+    Examples:
+      >>> w = jnp.ones((3, 4)); k = jnp.ones((3, 3, 2, 5))
+      >>> traced_flops(lambda w, x: x @ w, w, jnp.ones((2, 3)))  # 2 · (2·4 outputs) · 3
+      48.0
+      >>> conv = lambda k, x: jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      >>> traced_flops(conv, k, jnp.ones((1, 6, 6, 2)))  # 2 · (6·6·5 outputs) · (3·3·2)
+      6480.0
+    """
+    return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)

@@ -11,6 +11,7 @@ from lottojax.experiments.early_bird import EarlyBirdConfig, eb_table, run_early
 from lottojax.experiments.federated import FederatedConfig, federated_table, run_federated
 from lottojax.experiments.grokking import GrokkingConfig, grokking_table, run_grokking
 from lottojax.experiments.jackpots import JackpotConfig, jackpot_table, run_jackpots
+from lottojax.experiments.layer_tickets import LayerTicketConfig, layer_ticket_table, run_layer_tickets
 from lottojax.experiments.lottery import LotteryConfig, imp_table, load_lottery, run_lottery
 from lottojax.experiments.metrics import log_history, read_metrics
 from lottojax.experiments.reprogram import ReprogramConfig, reprogram_table, run_reprogram
@@ -37,6 +38,7 @@ __all__ = [
     "FederatedConfig",
     "GrokkingConfig",
     "JackpotConfig",
+    "LayerTicketConfig",
     "LotteryConfig",
     "ReprogramConfig",
     "RobustnessConfig",
@@ -56,6 +58,7 @@ __all__ = [
     "grokking_table",
     "imp_table",
     "jackpot_table",
+    "layer_ticket_table",
     "load_lottery",
     "load_or_run",
     "log_history",
@@ -69,6 +72,7 @@ __all__ = [
     "run_federated",
     "run_grokking",
     "run_jackpots",
+    "run_layer_tickets",
     "run_lottery",
     "run_reprogram",
     "run_robustness",
