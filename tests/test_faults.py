@@ -33,8 +33,8 @@ from lottojax.train import History
 
 DRIVER = r"""
 import sys
-from lottojax.experiments import (early_bird, federated, grokking, jackpots, lottery, prune_at_init, reprogram,
-                                  robustness, sparse_training, stability, supertickets, verification)
+from lottojax.experiments import (early_bird, federated, grokking, jackpots, layer_tickets, lottery, prune_at_init,
+                                  reprogram, robustness, sparse_training, stability, supertickets, verification)
 CONFIGS = {
     "lottery": (lottery.run_lottery, lottery.LotteryConfig(
         widths=(16, 8), seeds=(0, 1), rounds=1, num_steps=20, eval_every=10, controls=("shuffle",))),
@@ -73,13 +73,16 @@ CONFIGS = {
     "reprogram": (reprogram.run_reprogram, reprogram.ReprogramConfig(
         seeds=(0, 1), levels=(0, 2), num_steps=60, eval_every=30, reprogram_steps=10, reprogram_evaluations=2,
         shots=(0, 3))),
+    "layer_tickets": (layer_tickets.run_layer_tickets, layer_tickets.LayerTicketConfig(
+        stage_sizes=(2, 2), downsample=4, num_steps=3, eval_every=3, batch_size=16, validation=100, seeds=(0, 1),
+        scorers=("snip", "random"), counts=(1, 3), snip_batch_size=16, grasp_per_class=2, timing_repeats=1)),
 }
 run, config = CONFIGS[sys.argv[1]]
 _, workdir = run(config, sys.argv[2], progress=False)
 print("WORKDIR", workdir)
 """
 EXPERIMENTS = ("lottery", "early_bird", "prune_at_init", "stability", "jackpots", "grokking", "sparse_training",
-               "verification", "federated", "robustness", "supertickets", "reprogram")
+               "verification", "federated", "robustness", "supertickets", "reprogram", "layer_tickets")
 KILLED = -signal.SIGKILL
 
 

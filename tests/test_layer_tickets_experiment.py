@@ -103,7 +103,7 @@ def test_removed_blocks_are_removable_and_shallower_nets_are_smaller(run):
     for tag, arch in summary["architectures"].items():
         sizes = tuple(int(s) for s in tag.split("-"))
         assert arch["params"] == hand_params(sizes) and arch["flops"] == hand_flops(sizes)
-        assert arch["step"]["median_s"] > 0
+        assert arch["step_time"]["median_s"] > 0
 
 
 def test_scorers_removing_the_same_blocks_share_one_training(run):

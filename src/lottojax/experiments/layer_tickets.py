@@ -395,7 +395,7 @@ def summarize(config: LayerTicketConfig, units: dict, choices: dict, counts: dic
     out = {"config": dataclasses.asdict(config),
            "dense": _configuration(config, [units[k] for k in dense], dense_sizes, counts, step_times),
            "scorers": {},
-           "architectures": {tag: {"params": counts[tag][0], "flops": counts[tag][1], "step": step_times[tag]}
+           "architectures": {tag: {"params": counts[tag][0], "flops": counts[tag][1], "step_time": step_times[tag]}
                              for tag in sorted(counts)}}
     for name in config.scorers:
         entry = {}
