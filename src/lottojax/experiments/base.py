@@ -286,6 +286,23 @@ def seed_slots(config) -> tuple[int, ...]:
     return pad_seeds(config.seeds, device_count(config.devices))
 
 
+def put_seed_slots(config, tree):
+    """Per-seed host arrays (``len(config.seeds)`` first) on every seed slot, placed on
+    ``config.devices``: the padding slots repeat the last seed (:func:`seed_slots`), and
+    their results are dropped.
+
+    Examples:
+      >>> put_seed_slots(ExperimentConfig(seeds=(3, 4)), {'w': np.array([1., 2.])})['w'].tolist()
+      [1.0, 2.0]
+    """
+    import jax
+
+    from lottojax.seeds import put_seeded
+
+    owner = np.minimum(np.arange(len(seed_slots(config))), len(config.seeds) - 1)
+    return put_seeded(jax.tree.map(lambda x: np.asarray(x)[owner], tree), config.devices, stacked=True)
+
+
 def stream_keys(config, *streams: str) -> tuple:
     """Per named key stream (:data:`lottojax.seeds.KEY_STREAMS`), the keys of every seed
     slot, placed on ``config.devices``.

@@ -48,7 +48,7 @@ import numpy as np
 from lottojax.checkpoint import load_arrays, save_arrays
 from lottojax.data import Dataset, load_mnist1d
 from lottojax.experiments.base import (ConfigError, ExperimentConfig, build, learning_rate_schedule, load_dataset,
-                                       make_optimizer, option, over_seeds, seed_slots, stream_keys)
+                                       make_optimizer, option, over_seeds, put_seed_slots, stream_keys)
 from lottojax.experiments.lottery import SCOPES
 from lottojax.experiments.metrics import log_history, log_imp_level
 from lottojax.experiments.plots import density_axis, figure, save, spread_note
@@ -229,9 +229,8 @@ def run_reprogram(config: ReprogramConfig, root: str = "runs", *, progress: bool
                       seed_strategy=config.seed_strategy, devices=config.devices,
                       checkpoint_dir=os.path.join(workdir, "imp"), progress=progress,
                       on_level=partial(log_imp_level, workdir, prefix="imp-"))
-        n, slots = len(config.seeds), len(seed_slots(config))
-        pad = lambda tree: put_seeded(jax.tree.map(lambda x: np.asarray(x)[np.minimum(np.arange(slots), n - 1)], tree),
-                                      config.devices, stacked=True)
+        n = len(config.seeds)
+        pad = partial(put_seed_slots, config)
         init_keys, data_keys, control_keys = stream_keys(config, "init", "data", "control")
         fit_keys = jax.vmap(jax.random.fold_in, (0, None))(data_keys, FIT)
         data = put_seeded(setup.data, config.devices, stacked=False)

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lottojax.checkpoint import load_arrays, load_npz, save_arrays, save_npz
-from lottojax.experiments.base import ConfigError, ExperimentConfig, build, option, over_seeds, seed_slots, stream_keys
+from lottojax.experiments.base import (ConfigError, ExperimentConfig, build, option, over_seeds, put_seed_slots,
+                                       seed_slots, stream_keys)
 from lottojax.experiments.metrics import log_history, log_imp_level
 from lottojax.experiments.plots import figure, save, spread_note
 from lottojax.experiments.store import diverged_runs, exclusive, load_or_run, open_run, stats, write_results
@@ -197,8 +198,7 @@ def run_robustness(config: RobustnessConfig, root: str = "runs", *, progress: bo
         flags = prunable_flags(one_params)
         keep = int(_kept(imp.masks[-1], flags)[0])
         slots = len(seed_slots(config))
-        pad = lambda tree: put_seeded(jax.tree.map(lambda x: np.asarray(x)[np.minimum(np.arange(slots), n - 1)], tree),
-                                      config.devices, stacked=True)
+        pad = partial(put_seed_slots, config)
         keys = stream_keys(config, "init", "data", "mask", "corrupt")
         data = put_seeded(setup.data, config.devices, stacked=False)
         imp_mask = pad(imp.masks[-1])

@@ -39,7 +39,7 @@ import numpy as np
 
 from lottojax.checkpoint import Checkpointer
 from lottojax.experiments.base import (ConfigError, ExperimentConfig, Setup, build, load_dataset, option, override,
-                                       seed_slots, stream_keys)
+                                       put_seed_slots, stream_keys)
 from lottojax.experiments.metrics import log_imp_level
 from lottojax.experiments.plots import density_axis, figure, save, spread_note
 from lottojax.experiments.store import diverged_runs, exclusive, mean_std, open_run, stats, write_results
@@ -208,8 +208,7 @@ def _one_rewind_step(config: StabilityConfig, setup: Setup, k: int, workdir: str
                   checkpoint_dir=os.path.join(workdir, f"imp-k{k}"), progress=progress,
                   on_level=partial(log_imp_level, workdir, prefix=f"imp-k{k}-"))
     n = len(config.seeds)
-    owner = np.minimum(np.arange(len(seed_slots(config))), n - 1)  # the padding repeats the last seed
-    padded = lambda tree: put_seeded(jax.tree.map(lambda x: np.asarray(x)[owner], tree), config.devices, stacked=True)
+    padded = partial(put_seed_slots, config)
     (copy_keys,) = stream_keys(config, "copies")
     # θ_k is IMP's own rewind state: the same network the tickets are rewound to, not retrained.
     path = _instability(padded(imp.rewind_state), copy_keys, padded(imp.masks[-1]), setup.data, np.int32(k),

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from functools import partial
 from types import MappingProxyType
 from typing import Callable, NamedTuple, Optional
 
@@ -62,7 +63,7 @@ from lottojax.experiments.base import (
     option,
     over_seeds,
     override,
-    seed_slots,
+    put_seed_slots,
     stream_keys,
 )
 from lottojax.experiments.plots import figure, save
@@ -332,8 +333,7 @@ def run_verification(config: VerificationConfig, root: str = "runs", *, progress
     n = len(config.seeds)
     data = put_seeded(setup.data, config.devices, stacked=False)
     run = _Run(config, setup, signature, workdir, progress)
-    pad = lambda tree: put_seeded(jax.tree.map(lambda x: np.concatenate(
-        [x, np.repeat(x[-1:], len(seed_slots(config)) - n, 0)]), tree), config.devices, stacked=True)
+    pad = partial(put_seed_slots, config)
     mask = imp.masks[-1]
     rewind = imp.rewind_state
     data_keys, control_keys = stream_keys(config, "data", "control")
