@@ -51,7 +51,7 @@ def test_pad_seeds_to_a_multiple_of_the_devices():
 
 
 def run_driver(tmp_path, name, *flags, devices=1, extra_env=None):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     env.update(extra_env or {})
     out = tmp_path / f"{name}.npz"
     subprocess.run([sys.executable, DRIVER, str(out), *flags], env=env, check=True, timeout=600,
@@ -100,7 +100,7 @@ f = jax.jit(map_seeds(lambda w, x: (w * x).sum(), in_axes=(0, None), strategy='m
 out = f(put_seeded(jnp.arange(16.).reshape(8, 2), 'all', stacked=True), jnp.ones(2))
 print(out.sharding.spec, sorted(s.data.shape for s in out.addressable_shards), out.tolist())
 """
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     printed = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
     assert printed.strip() == f"{PartitionSpec('seeds')} [(2,), (2,), (2,), (2,)] [1.0, 5.0, 9.0, 13.0, 17.0, 21.0, 25.0, 29.0]"
 
@@ -113,7 +113,7 @@ def free_port() -> int:
 
 def test_seeds_sharded_across_two_processes_match_one_process(tmp_path, unsharded):
     port = free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     out = tmp_path / "multi.npz"
     procs = [
         subprocess.Popen([sys.executable, DRIVER, str(out), "--strategy", "map", "--devices", "all",

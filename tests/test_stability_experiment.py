@@ -153,7 +153,7 @@ print(sharded.dense_barrier.shape)
 def test_sweep_sharded_over_two_devices_matches_one_device(idx_dir, tmp_path):
     """``devices='all'``: 3 seeds padded to 4 over 2 devices, in IMP and in the instability
     program; the padding seed is dropped and every array equals the one-device run's."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "-c", SHARDED_SWEEP, idx_dir, str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
