@@ -58,7 +58,7 @@ from lottojax.experiments.base import (
     stream_keys,
 )
 from lottojax.experiments.metrics import log_history
-from lottojax.experiments.plots import colorbar, figure, save
+from lottojax.experiments.plots import plural, colorbar, figure, save
 from lottojax.experiments.store import (diverged_runs, exclusive, load_or_run, mean_std, open_run, stats,
                                         write_results)
 from lottojax.masks import apply_mask, ones_like
@@ -261,7 +261,7 @@ def run_early_bird(config: EarlyBirdConfig, root: str = "runs", *, progress: boo
         dense_loop = make_epoch_loop(trainer, **loop_args, **detection, record_masks=True, evaluate=True)
         init_states = functools.cache(lambda: jax.jit(jax.vmap(trainer.init))(init_keys))  # shared by both phases
         initial = lambda: jax.jit(dense_loop.init)(init_states())
-        say(f"[1/3] dense baseline: {n} seeds x {config.epochs} epochs")
+        say(f"[1/3] dense baseline: {plural(n, 'seed')} x {config.epochs} epochs")
         log_dense = lambda state: log_history(workdir, "dense", _take(gather(state.record), slice(0, n)),
                                               {"seed": config.seeds}) if jax.process_index() == 0 else None
         dense, dense_seconds = phase("dense", dense_loop, initial, on_chunk=log_dense).run(

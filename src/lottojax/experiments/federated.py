@@ -67,7 +67,7 @@ from lottojax.experiments.base import (
     stream_keys,
 )
 from lottojax.experiments.metrics import log_history
-from lottojax.experiments.plots import figure, save
+from lottojax.experiments.plots import plural, figure, save
 from lottojax.experiments.store import (diverged_runs, exclusive, load_or_run, mean_std, open_run, stats,
                                         write_results)
 from lottojax.federated import (
@@ -290,7 +290,7 @@ def run_federated(config: FederatedConfig, root: str = "runs", *, progress: bool
             f.write(federated_table(summary) + "\n")
         plot_federated(summary, os.path.join(workdir, "federated.png"),
                        title=f"HideNseek on {config.dataset} ({config.model}), {config.num_clients} clients "
-                             f"({_split_text(config)}), {len(config.seeds)} seeds")
+                             f"({_split_text(config)}), {plural(len(config.seeds), 'seed')}")
     return summary, workdir
 
 

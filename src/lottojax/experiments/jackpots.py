@@ -63,7 +63,7 @@ import numpy as np
 from lottojax.checkpoint import load_arrays, save_arrays
 from lottojax.experiments.base import ConfigError, ExperimentConfig, build, option, over_seeds, seed_slots, stream_keys
 from lottojax.experiments.metrics import log_history
-from lottojax.experiments.plots import dense_line, figure, save, spread_note
+from lottojax.experiments.plots import plural, dense_line, figure, save, spread_note
 from lottojax.experiments.store import (diverged_runs, exclusive, load_or_run, mean_std, open_run, stats,
                                         write_results)
 from lottojax.jackpots import (
@@ -366,7 +366,7 @@ def run_jackpots(config: JackpotConfig, root: str = "runs", *, progress: bool = 
         with open(os.path.join(workdir, "table.txt"), "w") as f:
             f.write(jackpot_table(summary) + "\n")
         plot_jackpots(summary, os.path.join(workdir, "jackpots.png"),
-                      title=f"Lottery Jackpots on {config.dataset} ({config.model}), {n} seeds, "
+                      title=f"Lottery Jackpots on {config.dataset} ({config.model}), {plural(n, 'seed')}, "
                             f"{config.search_steps} search steps")
     return summary, workdir
 

@@ -65,7 +65,7 @@ from lottojax.experiments.base import (
 )
 from lottojax.experiments.metrics import log_history
 from lottojax.experiments.plots import dense_line, figure, save, spread_note
-from lottojax.experiments.store import diverged_runs, exclusive, load_or_run, mean_std, open_run, stats, write_results
+from lottojax.experiments.store import diverged_runs, exclusive, load_or_run, open_run, stats, write_results
 from lottojax.layer_tickets import (
     block_scores,
     random_block_scores,
@@ -349,9 +349,10 @@ def run_layer_tickets(config: LayerTicketConfig, root: str = "runs", *, progress
                 log_history(workdir, unit, History(*(np.asarray(record[f])[None] for f in History._fields)),
                             {"seed": (seed,)})
             if fresh and progress:
+                accuracy = float(record["test_accuracy"][-1])
                 print(f"seed {seed} {removed_tag(ticket.removed):>24} {sizes_tag(ticket.stage_sizes):>6}: "
-                      f"{mean_std(record['test_accuracy'][-1:])} test accuracy ({float(record['seconds']):.0f} s)",
-                      flush=True)
+                      + (f"{100 * accuracy:.2f}% test accuracy" if np.isfinite(accuracy) else "diverged")
+                      + f" ({float(record['seconds']):.0f} s)", flush=True)
     all_sizes = {tuple(int(s) for s in r["stage_sizes"]) for r in units.values()}
     step_times = _step_times(architectures, all_sizes, data, workdir, progress)
     counts = {sizes_tag(s): architectures.counts(s) for s in all_sizes}

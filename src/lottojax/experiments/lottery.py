@@ -30,7 +30,7 @@ from lottojax.checkpoint import load_arrays, load_npz, save_arrays
 from lottojax.compact import count
 from lottojax.experiments.base import ConfigError, ExperimentConfig, build, model_kwargs, option
 from lottojax.experiments.metrics import log_imp_level
-from lottojax.experiments.plots import dense_line, density_axis, figure, save, spread_note
+from lottojax.experiments.plots import plural, dense_line, density_axis, figure, save, spread_note
 from lottojax.experiments.store import (config_from_json, diverged_runs, exclusive, mean_std, open_run, read_config,
                                         stats, write_results)
 from lottojax.methods import METHODS
@@ -129,7 +129,7 @@ def _write(config: LotteryConfig, result: IMPResult, workdir: str, input_shape) 
                   dict(arms=np.array(result.arms), seeds=np.array(result.seeds), **arrays))
     save_arrays(os.path.join(workdir, "params.npz"), (result.init_params, result.rewind_state))
     plot_imp(result, os.path.join(workdir, "lottery.png"),
-             title=f"IMP on {config.dataset} ({config.model}), {len(config.seeds)} seeds, "
+             title=f"IMP on {config.dataset} ({config.model}), {plural(len(config.seeds), 'seed')}, "
                    f"rewind to step {config.rewind_step}")
 
 

@@ -31,6 +31,16 @@ def density_axis(ax, density_percent) -> None:
     ax.grid(alpha=0.3)
 
 
+def plural(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1, for titles and captions.
+
+    Examples:
+      >>> plural(1, "seed"), plural(5, "seed")
+      ('1 seed', '5 seeds')
+    """
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def spread_note(n: int, spread: str = "std") -> str:
     """The caption that says what error bars and bands are: ``spread`` over ``n`` seeds.
 
@@ -40,7 +50,7 @@ def spread_note(n: int, spread: str = "std") -> str:
     """
     if spread not in ("std", "sem", "min-max"):
         raise ValueError(f"spread={spread!r}: use 'std', 'sem' or 'min-max'")
-    seeds = f"n = {n} seed" + ("s" if n != 1 else "")
+    seeds = f"n = {plural(n, 'seed')}"
     return f"mean ± {spread} over {seeds}" if spread != "min-max" else f"mean over {seeds}; bands: min-max"
 
 

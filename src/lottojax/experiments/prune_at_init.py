@@ -39,7 +39,7 @@ import numpy as np
 from lottojax.checkpoint import read_json, write_json
 from lottojax.experiments.base import ConfigError, ExperimentConfig, build, option, over_seeds, stream_keys
 from lottojax.experiments.metrics import log_history, log_imp_level
-from lottojax.experiments.plots import dense_line, density_axis, figure, save, spread_note
+from lottojax.experiments.plots import plural, dense_line, density_axis, figure, save, spread_note
 from lottojax.experiments.store import diverged_runs, exclusive, load_or_run, open_run, stats, write_results
 from lottojax.imp import run_imp
 from lottojax.masks import PyTree, leaves_with_paths, ones_like, prunable_flags, prunable_size
@@ -134,7 +134,7 @@ def run_prune_at_init(config: PruneAtInitConfig, root: str = "runs", *, progress
             levels=np.array(levels), imp_density=imp.density, imp_early_stop_accuracy=imp.early_stop_accuracy[..., 0],
             imp_final_accuracy=imp.final_accuracy[..., 0], **{f"{m}_{k}": v for m, r in results.items() for k, v in r.items()}))
         plot_prune_at_init(summary, os.path.join(workdir, "prune_at_init.png"),
-                           title=f"Pruning at init vs IMP on {config.dataset} ({config.model}), {len(config.seeds)} seeds")
+                           title=f"Pruning at init vs IMP on {config.dataset} ({config.model}), {plural(len(config.seeds), 'seed')}")
     return summary, workdir
 
 

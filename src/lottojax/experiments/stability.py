@@ -41,7 +41,7 @@ from lottojax.checkpoint import Checkpointer
 from lottojax.experiments.base import (ConfigError, ExperimentConfig, Setup, build, load_dataset, option, override,
                                        put_seed_slots, stream_keys)
 from lottojax.experiments.metrics import log_imp_level
-from lottojax.experiments.plots import density_axis, figure, save, spread_note
+from lottojax.experiments.plots import plural, density_axis, figure, save, spread_note
 from lottojax.experiments.store import diverged_runs, exclusive, mean_std, open_run, stats, write_results
 from lottojax.imp import ARMS, CONTROLS, run_imp
 from lottojax.masks import ones_like
@@ -376,4 +376,4 @@ def _write(result: StabilityResult, config: StabilityConfig, workdir: str) -> No
                   dict(arms=np.array(result.arms), **arrays))
     plot_stability(result, os.path.join(workdir, "stability.png"),
                    title=f"Linear mode connectivity on {config.dataset} ({config.model}, {config.optimizer} "
-                         f"lr {config.learning_rate}, {config.num_steps} steps), {len(config.seeds)} seeds")
+                         f"lr {config.learning_rate}, {config.num_steps} steps), {plural(len(config.seeds), 'seed')}")
