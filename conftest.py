@@ -49,6 +49,17 @@ if "jax" in sys.modules:  # imported before this file (a plugin): the environmen
                       int(os.environ.get("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", 0)))
 
 
+@pytest.fixture(scope="session")
+def cpu_devices_env():
+    """``env(devices)``: this process's environment for a subprocess that sees ``devices`` CPU
+    devices (the flag added to this session's ``XLA_FLAGS``, not replacing them)."""
+    def env(devices: int) -> dict:
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+        return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+
+    return env
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _dataset_cache():
     previous = os.environ.get("LOTTOJAX_CACHE")

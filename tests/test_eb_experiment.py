@@ -80,10 +80,10 @@ json.dump(summary, open(sys.argv[1] + "/summary.json", "w"))
 """
 
 
-def test_experiment_sharded_over_two_devices_matches_one_device(tmp_path):
+def test_experiment_sharded_over_two_devices_matches_one_device(tmp_path, cpu_devices_env):
     """``devices='all'``: 3 seeds padded to 4 over 2 devices; the padding seed is dropped and
     every per-seed result equals the one-device run's."""
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(2)
     summaries = {}
     for devices in ("all", ""):
         out = tmp_path / (devices or "one")

@@ -1,7 +1,6 @@
 """Early-Bird detection inside the compiled epoch loop: stopping, tickets, vmapped seeds,
 one compile, checkpoint/resume, and the low-precision search on MNIST-1D."""
 import functools
-import os
 import subprocess
 import sys
 
@@ -176,10 +175,10 @@ print(sharded.train.step.sharding.spec, sharded.epoch.sharding.spec, stops.tolis
 """
 
 
-def test_seeds_sharded_over_4_devices_stop_and_draw_tickets_as_unsharded():
+def test_seeds_sharded_over_4_devices_stop_and_draw_tickets_as_unsharded(cpu_devices_env):
     """Seeds on different devices stop at different epochs; every device runs until the
     last one stops, so states, tickets and records equal the one-device run's."""
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(4)
     done = subprocess.run([sys.executable, "-c", SHARDED_LOOP], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("P('seeds',) P() "), done.stdout

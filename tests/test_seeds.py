@@ -50,9 +50,8 @@ def test_pad_seeds_to_a_multiple_of_the_devices():
     assert pad_seeds([3, 1], 2) == (3, 1)
 
 
-def run_driver(tmp_path, name, *flags, devices=1, extra_env=None):
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    env.update(extra_env or {})
+def run_driver(env, tmp_path, name, *flags):
+    """Runs the seeded IMP driver in a subprocess with environment ``env``; its saved arrays."""
     out = tmp_path / f"{name}.npz"
     subprocess.run([sys.executable, DRIVER, str(out), *flags], env=env, check=True, timeout=600,
                    capture_output=True, text=True)
@@ -74,25 +73,25 @@ def assert_same_results(a, b, *, exact):
 
 
 @pytest.fixture(scope="module")
-def unsharded(tmp_path_factory):
+def unsharded(tmp_path_factory, cpu_devices_env):
     tmp = tmp_path_factory.mktemp("unsharded")
-    return {s: run_driver(tmp, s, "--strategy", s) for s in ("map", "vmap")}
+    return {s: run_driver(cpu_devices_env(1), tmp, s, "--strategy", s) for s in ("map", "vmap")}
 
 
 @pytest.mark.parametrize("strategy", ["map", "vmap"])
-def test_seeds_sharded_over_8_devices_match_the_unsharded_run(tmp_path, unsharded, strategy):
-    sharded = run_driver(tmp_path, "sharded", "--strategy", strategy, "--devices", "all",
-                         "--checkpoint", str(tmp_path / "ckpt"), devices=8)
+def test_seeds_sharded_over_8_devices_match_the_unsharded_run(tmp_path, unsharded, strategy, cpu_devices_env):
+    sharded = run_driver(cpu_devices_env(8), tmp_path, "sharded", "--strategy", strategy, "--devices", "all",
+                         "--checkpoint", str(tmp_path / "ckpt"))
     assert int(sharded["devices"]) == 8 and sharded["density"].shape == (3, 5)
     # 'map' runs each seed's own program wherever it is placed; 'vmap' batches 1 seed per
     # device instead of 5, so its float rounding differs.
     assert_same_results(sharded, unsharded[strategy], exact=strategy == "map")
-    resumed = run_driver(tmp_path, "resumed", "--strategy", strategy, "--devices", "all",
-                         "--checkpoint", str(tmp_path / "ckpt"), devices=8)
+    resumed = run_driver(cpu_devices_env(8), tmp_path, "resumed", "--strategy", strategy, "--devices", "all",
+                         "--checkpoint", str(tmp_path / "ckpt"))
     assert_same_results(resumed, sharded, exact=True)
 
 
-def test_outputs_are_sharded_along_the_seed_axis():
+def test_outputs_are_sharded_along_the_seed_axis(cpu_devices_env):
     code = """
 import jax, jax.numpy as jnp
 from lottojax.seeds import map_seeds, put_seeded
@@ -100,7 +99,7 @@ f = jax.jit(map_seeds(lambda w, x: (w * x).sum(), in_axes=(0, None), strategy='m
 out = f(put_seeded(jnp.arange(16.).reshape(8, 2), 'all', stacked=True), jnp.ones(2))
 print(out.sharding.spec, sorted(s.data.shape for s in out.addressable_shards), out.tolist())
 """
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(4)
     printed = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
     assert printed.strip() == f"{PartitionSpec('seeds')} [(2,), (2,), (2,), (2,)] [1.0, 5.0, 9.0, 13.0, 17.0, 21.0, 25.0, 29.0]"
 
@@ -111,9 +110,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_seeds_sharded_across_two_processes_match_one_process(tmp_path, unsharded):
+def test_seeds_sharded_across_two_processes_match_one_process(tmp_path, unsharded, cpu_devices_env):
     port = free_port()
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(2)
     out = tmp_path / "multi.npz"
     procs = [
         subprocess.Popen([sys.executable, DRIVER, str(out), "--strategy", "map", "--devices", "all",

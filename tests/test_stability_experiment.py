@@ -1,7 +1,6 @@
 """The rewind-step sweep: results of a tiny run, resume after a kill, the thin main, config
 errors, and the seeds split over two devices."""
 import json
-import os
 import runpy
 import subprocess
 import sys
@@ -150,10 +149,10 @@ print(sharded.dense_barrier.shape)
 """
 
 
-def test_sweep_sharded_over_two_devices_matches_one_device(idx_dir, tmp_path):
+def test_sweep_sharded_over_two_devices_matches_one_device(idx_dir, tmp_path, cpu_devices_env):
     """``devices='all'``: 3 seeds padded to 4 over 2 devices, in IMP and in the instability
     program; the padding seed is dropped and every array equals the one-device run's."""
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(2)
     done = subprocess.run([sys.executable, "-c", SHARDED_SWEEP, idx_dir, str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

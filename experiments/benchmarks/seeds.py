@@ -2,6 +2,7 @@
 
     python experiments/benchmarks/seeds.py                       # LeNet-300-100 and CNN1D, 1..16 seeds
     python experiments/benchmarks/seeds.py --models cnn1d --seeds 1 4 16 --steps 100
+    python experiments/benchmarks/seeds.py --models conv2 --seeds 2 --steps 20 --repeats 3   # a conv net
 
 For each model and seed count it times one jitted call that trains every seed for
 ``--steps`` steps (``Trainer.run_steps``, batch 60, Adam, ``masked_updates``), by:
@@ -46,7 +47,8 @@ from lottojax.seeds import map_seeds, put_seeded  # noqa: E402
 from lottojax.timing import format_seconds, interleaved  # noqa: E402
 from lottojax.train import make_trainer  # noqa: E402
 
-MODELS = {"lenet300100": (784,), "cnn1d": (40,)}
+MODELS = {"lenet300100": (784,), "cnn1d": (40,), "conv2": (28, 28, 1)}
+DEFAULT_MODELS = ("lenet300100", "cnn1d")
 
 
 def synthetic_data(input_shape, n_train: int = 3000) -> Dataset:
@@ -106,7 +108,8 @@ def bench_model(name: str, seed_counts, steps: int, repeats: int) -> list[dict]:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS), choices=list(MODELS),
+                        help="conv2 (opt-in: slow) shows vmap's cost for convolutions on a CPU")
     parser.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 4, 8, 16])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)

@@ -67,7 +67,7 @@ from lottojax.experiments.base import (
     stream_keys,
 )
 from lottojax.experiments.metrics import log_history
-from lottojax.experiments.plots import plural, figure, save
+from lottojax.experiments.plots import figure, plural, save
 from lottojax.experiments.store import (diverged_runs, exclusive, load_or_run, mean_std, open_run, stats,
                                         write_results)
 from lottojax.federated import (

@@ -72,7 +72,7 @@ from lottojax.experiments.base import (
     override,
 )
 from lottojax.experiments.metrics import log_history
-from lottojax.experiments.plots import plural, figure, save, spread_note
+from lottojax.experiments.plots import figure, plural, save, spread_note
 from lottojax.experiments.store import diverged_runs, exclusive, load_or_run, open_run, stats, write_results
 from lottojax.grokking import NEVER, params_norm, precise_cross_entropy, scale_to_norm, steps_to_threshold, train_curves
 from lottojax.masks import PyTree, apply_mask, ones_like

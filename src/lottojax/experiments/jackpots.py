@@ -63,7 +63,7 @@ import numpy as np
 from lottojax.checkpoint import load_arrays, save_arrays
 from lottojax.experiments.base import ConfigError, ExperimentConfig, build, option, over_seeds, seed_slots, stream_keys
 from lottojax.experiments.metrics import log_history
-from lottojax.experiments.plots import plural, dense_line, figure, save, spread_note
+from lottojax.experiments.plots import dense_line, figure, plural, save, spread_note
 from lottojax.experiments.store import (diverged_runs, exclusive, load_or_run, mean_std, open_run, stats,
                                         write_results)
 from lottojax.jackpots import (

@@ -30,7 +30,7 @@ from lottojax.checkpoint import load_arrays, load_npz, save_arrays
 from lottojax.compact import count
 from lottojax.experiments.base import ConfigError, ExperimentConfig, build, model_kwargs, option
 from lottojax.experiments.metrics import log_imp_level
-from lottojax.experiments.plots import plural, dense_line, density_axis, figure, save, spread_note
+from lottojax.experiments.plots import dense_line, density_axis, figure, plural, save, spread_note
 from lottojax.experiments.store import (config_from_json, diverged_runs, exclusive, mean_std, open_run, read_config,
                                         stats, write_results)
 from lottojax.methods import METHODS

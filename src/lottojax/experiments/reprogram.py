@@ -51,7 +51,7 @@ from lottojax.experiments.base import (ConfigError, ExperimentConfig, build, lea
                                        make_optimizer, option, over_seeds, put_seed_slots, stream_keys)
 from lottojax.experiments.lottery import SCOPES
 from lottojax.experiments.metrics import log_history, log_imp_level
-from lottojax.experiments.plots import plural, density_axis, figure, save, spread_note
+from lottojax.experiments.plots import density_axis, figure, plural, save, spread_note
 from lottojax.experiments.store import diverged_runs, exclusive, load_or_run, open_run, stats, write_results
 from lottojax.imp import run_imp
 from lottojax.reprogram import fit, linear_probe, n_shot_indices, source_features, source_logits, visual_prompting

@@ -41,7 +41,7 @@ from lottojax.checkpoint import load_arrays, load_npz, save_arrays, save_npz
 from lottojax.experiments.base import (ConfigError, ExperimentConfig, build, option, over_seeds, put_seed_slots,
                                        seed_slots, stream_keys)
 from lottojax.experiments.metrics import log_history, log_imp_level
-from lottojax.experiments.plots import plural, figure, save, spread_note
+from lottojax.experiments.plots import figure, plural, save, spread_note
 from lottojax.experiments.store import diverged_runs, exclusive, load_or_run, open_run, stats, write_results
 from lottojax.early_bird import detect_early_bird
 from lottojax.imp import run_imp

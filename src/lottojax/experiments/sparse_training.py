@@ -47,7 +47,7 @@ from lottojax.checkpoint import read_json, write_json
 from lottojax.experiments.base import (ConfigError, ExperimentConfig, Setup, build, learning_rate_schedule,
                                        make_optimizer, option, over_seeds, stream_keys)
 from lottojax.experiments.metrics import log_history, log_imp_level
-from lottojax.experiments.plots import plural, dense_line, density_axis, figure, save, spread_note
+from lottojax.experiments.plots import dense_line, density_axis, figure, plural, save, spread_note
 from lottojax.experiments.store import diverged_runs, exclusive, load_or_run, open_run, stats, write_results
 from lottojax.imp import run_imp
 from lottojax.masks import PyTree, leaves_with_paths, prunable_flags

@@ -41,7 +41,7 @@ from lottojax.checkpoint import Checkpointer
 from lottojax.experiments.base import (ConfigError, ExperimentConfig, Setup, build, load_dataset, option, override,
                                        put_seed_slots, stream_keys)
 from lottojax.experiments.metrics import log_imp_level
-from lottojax.experiments.plots import plural, density_axis, figure, save, spread_note
+from lottojax.experiments.plots import density_axis, figure, plural, save, spread_note
 from lottojax.experiments.store import diverged_runs, exclusive, mean_std, open_run, stats, write_results
 from lottojax.imp import ARMS, CONTROLS, run_imp
 from lottojax.masks import ones_like

@@ -59,7 +59,7 @@ from lottojax.early_bird import slimming_penalty
 from lottojax.experiments.base import (ConfigError, ExperimentConfig, build, learning_rate_schedule, make_optimizer,
                                        option, override, stream_keys)
 from lottojax.experiments.metrics import log_history
-from lottojax.experiments.plots import plural, figure, save, spread_note
+from lottojax.experiments.plots import figure, plural, save, spread_note
 from lottojax.experiments.store import diverged_runs, exclusive, load_or_run, mean_std, open_run, stats, write_results
 from lottojax.masks import PyTree, apply_mask, leaves_with_paths, prunable_flags
 from lottojax.models import create
