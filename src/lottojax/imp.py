@@ -10,10 +10,12 @@ controls of Frankle & Carbin on the *same* mask:
 - ``shuffle``: the ticket's mask permuted within each layer (random pruning at the same
   per-layer density), rewound to ``θ_k``.
 
-All arms of all seeds train in one ``jax.vmap``-ed, jitted program per level (the next
-mask is computed inside it), so the whole run compiles once, whatever the number of
-levels. With ``one_shot=True`` level ``L`` instead prunes the *dense* trained weights
-directly to ``1 - (1 - p)^L`` (per layer), the one-shot baseline of the paper.
+All arms of all seeds train in one jitted program per level (the next mask is computed
+inside it), so the whole run compiles once, whatever the number of levels. The arms of a
+seed are mapped like the seeds themselves (``seed_strategy``): batched on accelerators,
+one after another on a CPU, where a batched Conv-2 step costs twice the single one.
+With ``one_shot=True`` level ``L`` instead prunes the *dense* trained weights directly
+to ``1 - (1 - p)^L`` (per layer), the one-shot baseline of the paper.
 ``retrain`` picks how the ticket retrains after each pruning (:data:`RETRAINING`): weight
 rewinding to ``θ_k`` (the LTH), or the baselines of Renda et al. (2020), learning-rate
 rewinding (trained weights, the schedule replayed from ``k``) and fine-tuning (trained
@@ -180,8 +182,9 @@ CONTROLS = ("reinit", "shuffle")
 
 
 def _make_level(trainer: Trainer, arms, *, retrain, scope, prunable, rewind_step, num_steps, one_shot, method,
-                statics, on_evaluation=None):
-    """The compiled program of one level for one seed (vmapped over seeds by the caller)."""
+                statics, arm_strategy, on_evaluation=None):
+    """The compiled program of one level for one seed (mapped over seeds by the caller); its
+    arms are mapped by ``arm_strategy`` (see :func:`lottojax.seeds.map_seeds`)."""
     starts = dict(ARMS, ticket=RETRAINING[retrain])
 
     def level_one_seed(rewind_state, mask, trained, fractions, level, data, data_key, control_key):
@@ -190,7 +193,7 @@ def _make_level(trainer: Trainer, arms, *, retrain, scope, prunable, rewind_step
                                      prunable=prunable) for a in arms])
         train = partial(trainer.train, data=data, key=data_key, start=rewind_step, num_steps=num_steps - rewind_step,
                         **({} if on_evaluation is None else dict(on_evaluation=on_evaluation)))
-        final, history = jax.vmap(lambda s: train(s))(starting)
+        final, history = map_seeds(lambda s: train(s), in_axes=(0,), strategy=arm_strategy)(starting)
         ticket = _take(final, 0)
         if one_shot:  # every level prunes (and fine-tunes) the dense network trained at level 0
             trained = jax.tree.map(lambda old, new: jnp.where(level == 0, new, old), trained, ticket)
@@ -272,7 +275,8 @@ def run_imp(
         (optax's optimizers initialise from shapes only, so this is a fresh optimizer).
       seed_strategy: ``'auto'`` (``'map'`` on CPU, ``'vmap'`` on accelerators), ``'vmap'``
         (one batched program) or ``'map'`` (seeds one after another in one program, each
-        computed as it would be alone); see :mod:`lottojax.seeds`.
+        computed as it would be alone); see :mod:`lottojax.seeds`. The arms of each seed
+        are mapped the same way.
       devices: split the seeds across devices: ``'all'`` (every device of every process,
         after ``jax.distributed.initialize()`` on multi-host), a list of devices or a
         :class:`jax.sharding.Mesh`. Seeds are padded to a multiple of the device count
@@ -328,7 +332,7 @@ def run_imp(
     level_one_seed = _make_level(
         trainer, arms, retrain=retrain, scope=scope, prunable=prunable, rewind_step=rewind_step, num_steps=num_steps,
         one_shot=one_shot, method=method, statics=dict(input_shape=data.input_shape, num_classes=data.num_classes),
-        on_evaluation=None if bar is None else bar.evaluation,
+        arm_strategy=seed_strategy, on_evaluation=None if bar is None else bar.evaluation,
     )
     level_fn = over_seeds(level_one_seed, (0, 0, 0, None, None, None, 0, 0))
     levels = rounds + 1
