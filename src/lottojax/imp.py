@@ -193,7 +193,7 @@ def _make_level(trainer: Trainer, arms, *, retrain, scope, prunable, rewind_step
                                      prunable=prunable) for a in arms])
         train = partial(trainer.train, data=data, key=data_key, start=rewind_step, num_steps=num_steps - rewind_step,
                         **({} if on_evaluation is None else dict(on_evaluation=on_evaluation)))
-        final, history = map_seeds(lambda s: train(s), in_axes=(0,), strategy=arm_strategy)(starting)
+        final, history = map_seeds(train, in_axes=(0,), strategy=arm_strategy)(starting)
         ticket = _take(final, 0)
         if one_shot:  # every level prunes (and fine-tunes) the dense network trained at level 0
             trained = jax.tree.map(lambda old, new: jnp.where(level == 0, new, old), trained, ticket)
