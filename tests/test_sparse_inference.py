@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lottojax import native
 from lottojax.masks import apply_mask
 from lottojax.models import create
 from lottojax.sparse_inference import FORMATS, FUSED_GATHER_LIMIT, apply, export_inference, format_export, gather_matmul
@@ -66,7 +67,8 @@ def test_exported_logits_equal_the_masked_networks_in_every_format(name, formats
     else:
         assert set(exported.measurements) == {l.path for l in dense_layers}
         assert all(set(m) == set(FORMATS) for m in exported.measurements.values())
-    assert all(l.format == "dense" for l in exported.layers if l.kind == "conv")
+    conv_format = "csr" if formats == "csr" else "dense"  # 'auto' times convolutions only given input_shape
+    assert all(l.format == conv_format for l in exported.layers if l.kind == "conv")
     assert exported.compacted.kept["fc0"].size < params["fc0"]["kernel"].shape[1]  # compacted first
     for batch in (3, 700):  # 700: gather's loop path on fc0
         x = jax.random.normal(jax.random.key(batch), (batch, *input_shape))
@@ -97,9 +99,9 @@ def test_the_nonzero_counts_and_format_bytes_follow_the_ticket():
 
 def test_auto_picks_the_fastest_measured_candidate_per_layer():
     params, mask, model, state, input_shape = ticket("conv2")
-    table = [{"dense": 5.0, "bcsr": 2.0, "bcoo": 3.0, "gather": 4.0},   # fc0
-             {"dense": 1.0, "bcsr": 2.0, "bcoo": 3.0, "gather": 0.5},   # fc1
-             {"dense": 1.0, "bcsr": 1.0, "bcoo": 3.0, "gather": 4.0}]   # output: a tie goes to the earlier candidate
+    table = [{"dense": 5.0, "bcsr": 2.0, "bcoo": 3.0, "gather": 4.0, "csr": 6.0},   # fc0
+             {"dense": 1.0, "bcsr": 2.0, "bcoo": 3.0, "gather": 0.5, "csr": 6.0},   # fc1
+             {"dense": 1.0, "bcsr": 1.0, "bcoo": 3.0, "gather": 4.0, "csr": 6.0}]   # output: a tie goes to the earlier candidate
     measure, calls = fake_measure(table)
     exported = export_inference("conv2", params, mask, batch_size=7, measure=measure)
     assert calls == [FORMATS] * 3  # once per dense layer, never for the convolutions
@@ -150,21 +152,21 @@ def test_gather_matmul_matches_the_dense_product_on_both_paths():
 
 def test_an_unknown_format_names_the_layer_and_lists_the_candidates():
     params, mask, *_ = ticket("lenet300100")
-    with pytest.raises(ValueError, match=r"formats\['fc1'\]='csr' .* layer 'fc1'.*'dense', 'bcsr', 'bcoo', 'gather'"):
-        export_inference("lenet300100", params, mask, formats={"fc1": "csr"})
+    with pytest.raises(ValueError, match=r"formats\['fc1'\]='csc' .* layer 'fc1'.*'dense', 'bcsr', 'bcoo', 'gather', 'csr'"):
+        export_inference("lenet300100", params, mask, formats={"fc1": "csc"})
     with pytest.raises(ValueError, match=r"formats='sparse' for every dense layer \(fc0, fc1, output\).*'gather'"):
         export_inference("lenet300100", params, mask, formats="sparse")
     with pytest.raises(ValueError, match=r"\['fc7'\].*\['fc0', 'fc1', 'output'\]"):
         export_inference("lenet300100", params, mask, formats={"fc7": "dense"})
-    with pytest.raises(ValueError, match=r"candidates=.*\['csr'\] unknown"):
-        export_inference("lenet300100", params, mask, candidates=("dense", "csr"))
+    with pytest.raises(ValueError, match=r"candidates=.*\['csc'\] unknown"):
+        export_inference("lenet300100", params, mask, candidates=("dense", "csc"))
     with pytest.raises(ValueError, match="batch_size=0"):
         export_inference("lenet300100", params, mask, batch_size=0)
 
 
-def test_convolutions_stay_dense_and_unsupported_models_are_refused():
+def test_convolutions_take_only_their_formats_and_unsupported_models_are_refused():
     params, mask, *_ = ticket("conv2")
-    with pytest.raises(ValueError, match=r"'conv1' is a convolution.*\['fc0', 'fc1', 'output'\]"):
+    with pytest.raises(ValueError, match=r"'conv1' is a convolution, stored as one of \('dense', 'csr'\).*\['fc0', 'fc1', 'output'\]"):
         export_inference("conv2", params, mask, formats={"conv1": "bcsr"})
     exported = export_inference("conv2", params, mask, formats="bcsr")
     assert exported.formats == {"conv0": "dense", "conv1": "dense", "fc0": "bcsr", "fc1": "bcsr", "output": "bcsr"}
@@ -178,7 +180,7 @@ def test_auto_skips_sparse_candidates_that_need_too_much_temporary_memory():
                                 measure=lambda fns: {f: 1.0 for f in fns})
     assert all("bcoo" in why for why in exported.skipped.values()) and set(exported.skipped) == {"fc0", "fc1", "output"}
     assert all("bcoo" not in m and "dense" in m for m in exported.measurements.values())
-    assert "bcoo skipped (memory)" in format_export(exported)
+    assert "bcoo skipped (needs " in format_export(exported)
     assert "MiB of temporaries" in exported.skipped["fc0"]["bcoo"]
 
 
@@ -188,3 +190,17 @@ def test_compile_apply_runs_the_same_program_ahead_of_time():
     exported = export_inference("conv2", params, mask, formats="gather")
     x = jax.random.normal(jax.random.key(0), (6, *input_shape))
     np.testing.assert_allclose(compile_apply(exported, x.shape)(x), apply(exported, x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not native.available(), reason=f"native kernel: {native.unavailable_reason()}")
+def test_auto_times_convolutions_given_the_input_shape():
+    params, mask, model, state, input_shape = ticket("conv2")
+    measure, calls = fake_measure([{"dense": 2.0, "csr": 1.0}, {"dense": 1.0, "csr": 2.0}]
+                                  + [{f: 1.0 for f in FORMATS}] * 3)
+    exported = export_inference("conv2", params, mask, batch_size=3, measure=measure, input_shape=input_shape)
+    assert calls[:2] == [("dense", "csr")] * 2 and calls[2:] == [FORMATS] * 3
+    assert exported.formats["conv0"] == "csr" and exported.formats["conv1"] == "dense"
+    x = jax.random.normal(jax.random.key(0), (5, *input_shape))
+    np.testing.assert_allclose(exported(x), masked_logits(model, params, mask, state, x), rtol=1e-5, atol=1e-5)
+    without_shape = export_inference("conv2", params, mask, measure=lambda fns: {f: 1.0 for f in fns})
+    assert without_shape.formats["conv0"] == "dense" and "input_shape=" in without_shape.skipped["conv0"]["csr"]

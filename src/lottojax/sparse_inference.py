@@ -2,7 +2,7 @@
 
 A masked network multiplies every zero. :func:`export_inference` first cuts the ticket down
 with :func:`lottojax.compact.compact` (dead units removed, constants folded), then stores
-each dense (fully connected) layer of the smaller network in one of four formats:
+each dense (fully connected) layer of the smaller network in one of five formats:
 
 - ``'dense'``: the compacted kernel, ``y = x @ W + b`` (zeros the mask left inside it are
   still multiplied);
@@ -13,7 +13,11 @@ each dense (fully connected) layer of the smaller network in one of four formats
   input indices it reads and their weights, padded to the longest list ``K`` with index 0
   and weight 0; ``y[:, o] = sum_k x[:, index[o, k]] * value[o, k] + b[o]``. Small products
   (``batch * outputs * K <= 2**16``) run as one fused gather and sum; larger ones as a loop
-  over ``k`` on the transposed input, where each step gathers whole contiguous batch rows.
+  over ``k`` on the transposed input, where each step gathers whole contiguous batch rows;
+- ``'csr'``: ``W.T`` in CSR form for :func:`lottojax.native.csr_matmul`, a C++ kernel
+  (XLA FFI, CPU only, compiled on first use) that adds each stored weight times a block of
+  64 batch columns in registers, bias and ReLU fused. Where it cannot be built (no
+  compiler, another backend), ``'auto'`` skips it and says why in ``Exported.skipped``.
 
 Which format is fastest depends on the layer's shape, its density, the batch size and the
 machine: with ``formats='auto'`` every candidate is compiled for that layer's weights and a
@@ -24,10 +28,10 @@ format forces choices (layers it leaves out, or maps to ``'auto'``, are measured
 
 Supported models (by registry name): ``'mlp'`` and ``'lenet300100'`` (every layer may be
 sparse), and ``'conv2'``, ``'conv4'``, ``'conv6'``, whose dense head (``fc{i}``, ``output``)
-may be sparse while the **convolutions are always stored dense**, compacted (dead channels
-removed; sparse convolutions are not implemented): IMP prunes convolutions at 10% per round,
-so they are still 13.5% dense after 19 rounds, where even a sparse dense layer rarely beats
-the dense product on a CPU (the issue's measurement: BCSR wins only at <= 5-10% density).
+may be in any format and whose convolutions (compacted: dead channels removed) are stored
+``'dense'`` or ``'csr'`` (:func:`lottojax.native.csr_conv`; :data:`CONV_FORMATS`). Timing a
+convolution needs its input's size, so ``'auto'`` measures convolutions only when
+``input_shape=`` is given (otherwise they stay dense, and ``Exported.skipped`` says so).
 Other models raise ``ValueError``.
 
 :func:`apply` runs the exported network under ``jax.jit`` (one compiled program per layer
@@ -47,13 +51,17 @@ import numpy as np
 from jax import lax
 from jax.experimental import sparse
 
+from lottojax import native
 from lottojax.compact import Compacted, compact
 from lottojax.masks import PyTree, ones_like
 from lottojax.models.convolution import conv, max_pool
 from lottojax.timing import Timing, format_seconds, interleaved
 
 #: Storage formats of a dense layer, in the order candidates are tried (ties go to the first).
-FORMATS: tuple[str, ...] = ("dense", "bcsr", "bcoo", "gather")
+FORMATS: tuple[str, ...] = ("dense", "bcsr", "bcoo", "gather", "csr")
+
+#: Storage formats of a convolution (``'csr'``: :func:`lottojax.native.csr_conv`).
+CONV_FORMATS: tuple[str, ...] = ("dense", "csr")
 
 #: Models :func:`export_inference` supports.
 SUPPORTED: tuple[str, ...] = ("mlp", "lenet300100", "conv2", "conv4", "conv6")
@@ -109,24 +117,43 @@ def _product(fmt: str, weights: dict, x: jax.Array) -> jax.Array:
     return gather_matmul(x, weights["index"], weights["value"])
 
 
-def _dense_layer(fmt: str, relu: bool, weights: dict, x: jax.Array) -> jax.Array:
-    y = _product(fmt, weights, x) + weights["bias"]
+def _layer(kind: str, fmt: str, relu: bool, conv_impl: str, weights: dict, x: jax.Array) -> jax.Array:
+    """One layer (product, bias, ReLU; a convolution's pooling is not part of it)."""
+    if fmt == "csr":  # the kernel adds the bias and applies the ReLU itself
+        w = {k: v for k, v in weights.items() if k != "kernel_size"}
+        if kind == "conv":
+            return native.csr_conv(x, **w, kernel_size=weights["kernel_size"].shape[:2], relu=relu)
+        return native.csr_matmul(x, **w, relu=relu)
+    if kind == "conv":
+        y = conv(x, weights["kernel"], 1, "SAME", impl=conv_impl) + weights["bias"]
+    else:
+        y = _product(fmt, weights, x) + weights["bias"]
     return jax.nn.relu(y) if relu else y
 
 
 @functools.lru_cache(maxsize=None)
-def _layer_program(fmt: str, relu: bool):
+def _layer_program(kind: str, fmt: str, relu: bool, conv_impl: str):
     """The jitted layer of one format (one object per format, so compilations are cached)."""
-    return jax.jit(functools.partial(_dense_layer, fmt, relu))
+    return jax.jit(functools.partial(_layer, kind, fmt, relu, conv_impl))
 
 
 def _pack(fmt: str, kernel: np.ndarray, bias: np.ndarray) -> dict:
-    """The weights of one dense layer (kernel ``(inputs, outputs)``) in format ``fmt``."""
+    """The weights of one layer (dense kernel ``(inputs, outputs)``, convolution kernel
+    ``(kh, kw, inputs, outputs)``) in format ``fmt``."""
     bias = jnp.asarray(bias, jnp.float32)
     kernel = np.asarray(kernel, np.float32)
     if fmt == "dense":
         return {"kernel": jnp.asarray(kernel), "bias": bias}
+    if kernel.ndim == 4:  # 'csr', the only sparse format of a convolution
+        arrays = dict(zip(("indptr", "channel", "dy", "dx", "values"), native.conv_csr_arrays(kernel)))
+        # kernel_size travels as the shape of an empty array: static under jit, a leaf of the weights
+        return {**{k: jnp.asarray(v) for k, v in arrays.items()}, "bias": bias,
+                "kernel_size": jnp.zeros(kernel.shape[:2] + (0,), jnp.float32)}
     wt = kernel.T  # (outputs, inputs): one row per output unit
+    if fmt == "csr":
+        indptr, indices, values = native.csr_arrays(wt)
+        return {"indptr": jnp.asarray(indptr), "indices": jnp.asarray(indices), "values": jnp.asarray(values),
+                "bias": bias}
     rows, cols = np.nonzero(wt)
     if rows.size == 0:  # an all-zero layer: one explicit zero keeps the formats well formed
         rows, cols = np.zeros(1, np.int64), np.zeros(1, np.int64)
@@ -164,7 +191,7 @@ class ExportedLayer(NamedTuple):
     Attributes:
       path: the layer's name in the parameters (``'conv0'``, ``'fc1'``, ``'output'``).
       kind: ``'conv'`` or ``'dense'``.
-      format: how it is stored (one of :data:`FORMATS`; always ``'dense'`` for convolutions).
+      format: how it is stored (one of :data:`FORMATS`; of :data:`CONV_FORMATS` for convolutions).
       shape: the compacted kernel's shape (``(inputs, outputs)`` for dense layers).
       nonzero: kernel entries the ticket keeps.
       bytes: bytes of the stored weights in this format (values, indices, bias).
@@ -194,9 +221,12 @@ class Exported(NamedTuple):
       layers: the :class:`ExportedLayer` of every layer, in forward order.
       weights: layer path -> that layer's stored arrays (``{'kernel', 'bias'}`` with a dense
         array or a ``BCSR``/``BCOO`` matrix of ``W.T``; ``{'index', 'value', 'bias'}`` for
-        ``'gather'``): a pytree, passed to the compiled forward pass.
-      measurements: layer path -> candidate format -> its :class:`lottojax.timing.Timing`
-        (or seconds, from an injected ``measure``), for every layer whose format was measured.
+        ``'gather'``; ``{'indptr', 'indices', 'values', 'bias'}`` for a ``'csr'`` dense layer,
+        ``{'indptr', 'channel', 'dy', 'dx', 'values', 'bias', 'kernel_size'}`` for a ``'csr'``
+        convolution): a pytree, passed to the compiled forward pass.
+      measurements: layer path -> candidate format -> its median seconds per call (or the
+        :class:`lottojax.timing.Timing` an injected ``measure`` returned), for every layer
+        whose format was measured.
       compacted: the :class:`lottojax.compact.Compacted` network the layers come from.
       batch_size: the batch size the formats were measured at.
       conv_impl: how convolutions run (see :mod:`lottojax.models.convolution`).
@@ -238,18 +268,12 @@ def _median(t) -> float:
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(spec: tuple, weights: dict, x: jax.Array) -> jax.Array:
     conv_impl, layers = spec
-    flat = False
     for path, kind, fmt, relu, pool in layers:
-        w = weights[path]
-        if kind == "conv":
-            x = conv(x, w["kernel"], 1, "SAME", impl=conv_impl) + w["bias"]
-            x = jax.nn.relu(x) if relu else x
-            if pool:
-                x = max_pool(x, 2, impl=conv_impl)
-            continue
-        if not flat:
-            x, flat = x.reshape((x.shape[0], -1)), True
-        x = _dense_layer(fmt, relu, w, x)
+        if kind == "dense":
+            x = x.reshape((x.shape[0], -1))
+        x = _layer(kind, fmt, relu, conv_impl, weights[path], x)
+        if pool:
+            x = max_pool(x, 2, impl=conv_impl)
     return x
 
 
@@ -280,8 +304,10 @@ def apply(exported: Exported, x: jax.Array) -> jax.Array:
 
 
 def compile_apply(exported: Exported, input_shape: tuple, dtype=jnp.float32) -> Callable[[jax.Array], jax.Array]:
-    """:func:`apply` compiled ahead of time for inputs of one shape, the weights bound: the
-    call then skips tracing and the cache lookup (what a benchmark should time).
+    """:func:`apply` compiled ahead of time for inputs of one shape, the weights built into the
+    program as constants: a call skips tracing, the cache lookup and passing a dozen weight
+    arrays, which at batch 1 costs about as much as the layers themselves (what a deployment
+    runs, and what a benchmark should time).
 
     Args:
       exported: from :func:`export_inference`.
@@ -297,8 +323,7 @@ def compile_apply(exported: Exported, input_shape: tuple, dtype=jnp.float32) -> 
       True
     """
     x = jax.ShapeDtypeStruct(tuple(input_shape), dtype)
-    compiled = _forward.lower(exported.spec, exported.weights, x).compile()
-    return functools.partial(compiled, exported.weights)
+    return jax.jit(lambda x: _forward(exported.spec, exported.weights, x)).lower(x).compile()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +355,7 @@ def _resolve_formats(formats, layout: list, candidates: tuple) -> dict:
         if formats != "auto" and formats not in FORMATS:
             raise ValueError(f"formats={formats!r} for every dense layer ({', '.join(p for p in paths if kinds[p] == 'dense')}) "
                              f"is not a known format; choose {choices}")
-        return {p: formats if kinds[p] == "dense" else "dense" for p in paths}
+        return {p: formats if kinds[p] == "dense" or formats in ("auto", *CONV_FORMATS) else "dense" for p in paths}
     if not isinstance(formats, Mapping):
         raise TypeError(f"formats must be 'auto', a format name or a dict of layer -> format; got {type(formats).__name__}")
     unknown = [p for p in formats if p not in kinds]
@@ -341,18 +366,30 @@ def _resolve_formats(formats, layout: list, candidates: tuple) -> dict:
         fmt = formats.get(path, "auto")
         if fmt != "auto" and fmt not in FORMATS:
             raise ValueError(f"formats[{path!r}]={fmt!r} is not a known format for layer {path!r}; choose {choices}")
-        if kinds[path] == "conv":
-            if fmt not in ("auto", "dense"):
-                raise ValueError(f"formats[{path!r}]={fmt!r}: layer {path!r} is a convolution, which is stored dense "
-                                 f"(compacted); sparse formats apply to the dense layers "
-                                 f"{[p for p in paths if kinds[p] == 'dense']}")
-            fmt = "dense"
+        if kinds[path] == "conv" and fmt not in ("auto", *CONV_FORMATS):
+            raise ValueError(f"formats[{path!r}]={fmt!r}: layer {path!r} is a convolution, stored as one of "
+                             f"{CONV_FORMATS}; the other formats apply to the dense layers "
+                             f"{[p for p in paths if kinds[p] == 'dense']}")
         resolved[path] = fmt
     return resolved
 
 
+def _calls(fn: Callable[[], object], calls: int) -> None:
+    for _ in range(calls):
+        jax.block_until_ready(fn())
+
+
 def _default_measure(repeats: int) -> Measure:
-    return lambda fns: interleaved(fns, repeats=repeats, warmup=1)
+    """Interleaved repeats, each calling a candidate often enough in a row (each call waiting
+    for its result) to take about a millisecond: one call of a small layer is tens of
+    microseconds, within the clock's and the dispatcher's jitter. Seconds per call."""
+    def measure(fns):
+        once = interleaved(fns, repeats=1, warmup=1)
+        calls = max(1, min(1000, round(1e-3 / max(min(t.median for t in once.values()), 1e-7))))
+        timed = interleaved({f: functools.partial(_calls, fn, calls) for f, fn in fns.items()}, repeats=repeats,
+                            warmup=0)
+        return {f: t.median / calls for f, t in timed.items()}
+    return measure
 
 
 def _temp_bytes(compiled) -> Optional[int]:
@@ -362,13 +399,13 @@ def _temp_bytes(compiled) -> Optional[int]:
         return None
 
 
-def _measure_layer(kernel: np.ndarray, relu: bool, packs: dict, batch_size: int, measure: Measure,
-                   key: jax.Array, max_temp_bytes: Optional[int]) -> tuple[dict, dict]:
-    """(candidate format -> its timing, skipped format -> why) for one dense layer at ``batch_size``."""
-    x = jax.random.normal(key, (batch_size, kernel.shape[0]), jnp.float32)
+def _measure_layer(kind: str, relu: bool, conv_impl: str, packs: dict, x: jax.Array, measure: Measure,
+                   max_temp_bytes: Optional[int]) -> tuple[dict, dict]:
+    """(candidate format -> its timing, skipped format -> why) for one layer on the input ``x``."""
+    batch_size = x.shape[0]
     fns, skipped = {}, {}
     for fmt, weights in packs.items():
-        compiled = _layer_program(fmt, relu).lower(weights, x).compile()
+        compiled = _layer_program(kind, fmt, relu, conv_impl).lower(weights, x).compile()
         temp = _temp_bytes(compiled)
         if max_temp_bytes is not None and temp is not None and temp > max_temp_bytes and fmt != "dense":
             skipped[fmt] = f"needs {temp / 2**20:.0f} MiB of temporaries (max_temp_bytes={max_temp_bytes})"
@@ -397,22 +434,24 @@ def export_inference(name: str, params: PyTree, mask: Optional[PyTree] = None, m
       mask: the ticket's bool mask like ``params`` (``None``: dense).
       model_state: the model state (unused by the supported models, passed to
         :func:`lottojax.compact.compact`).
-      formats: ``'auto'`` (measure every dense layer), one of :data:`FORMATS` for every dense
-        layer, or a dict layer path -> format or ``'auto'`` (layers left out are measured).
-        Convolutions are always ``'dense'`` (compacted).
+      formats: ``'auto'`` (measure every layer), one of :data:`FORMATS` for every layer that
+        has it (convolutions: :data:`CONV_FORMATS`, else ``'dense'``), or a dict layer path ->
+        format or ``'auto'`` (layers left out are measured).
       batch_size: the batch size the candidates are timed at (the crossover depends on it:
         export once per batch size that matters).
       candidates: the formats ``'auto'`` chooses among.
-      repeats: timed calls per candidate (after one warm-up call), interleaved.
+      repeats: timed repeats per candidate (after a warm-up call), interleaved; each repeat
+        calls the layer enough times in a row to last about a millisecond.
       measure: replaces the timing: called once per measured layer with ``{format:
         zero-argument callable}`` (each runs the compiled layer once), it returns ``{format:
         Timing or seconds}``; the smallest median wins (ties: the earlier candidate). Default:
-        :func:`lottojax.timing.interleaved` with ``repeats``.
+        :func:`lottojax.timing.interleaved` with ``repeats``, in seconds per call.
       max_temp_bytes: ``'auto'`` skips a sparse candidate whose compiled layer needs more
         temporary memory than this at ``batch_size`` (XLA's memory analysis; BCOO's product
         materialises ``nonzeros x batch`` values), recorded in ``Exported.skipped``;
         ``None``: no limit.
-      input_shape: shape of one example (only for ``Exported.compacted.model()``).
+      input_shape: shape of one example (for ``Exported.compacted.model()`` and to time the
+        convolutions' formats).
       seed: seeds the random inputs of the measurements.
       **model_kwargs: constructor arguments the full model was created with (e.g.
         ``conv_impl=``), as for :func:`lottojax.compact.compact`.
@@ -422,7 +461,7 @@ def export_inference(name: str, params: PyTree, mask: Optional[PyTree] = None, m
 
     Raises:
       ValueError: an unsupported model; an unknown format (the message names the layer and
-        lists the formats); a sparse format forced on a convolution; a layer name the
+        lists the formats); a format a convolution does not have; a layer name the
         network does not have; an unknown candidate; ``batch_size < 1``.
 
     Examples:
@@ -432,7 +471,7 @@ def export_inference(name: str, params: PyTree, mask: Optional[PyTree] = None, m
       >>> model = create('lenet300100', input_shape=(4, 4, 1), hidden=(16, 8))
       >>> params, state = model.init(jax.random.key(0))
       >>> mask = jax.tree.map(lambda p: jax.random.uniform(jax.random.key(1), p.shape) < 0.2, params)
-      >>> fake = {'dense': 3e-6, 'bcsr': 2e-6, 'bcoo': 5e-6, 'gather': 1e-6}  # a fake clock
+      >>> fake = {'dense': 3e-6, 'bcsr': 2e-6, 'bcoo': 5e-6, 'gather': 1e-6, 'csr': 4e-6}  # a fake clock
       >>> exported = export_inference('lenet300100', params, mask, batch_size=1,
       ...                             measure=lambda fns: {f: Timing((fake[f],), (0.0,)) for f in fns})
       >>> exported.formats
@@ -441,10 +480,10 @@ def export_inference(name: str, params: PyTree, mask: Optional[PyTree] = None, m
       >>> masked, _ = model.apply(apply_mask(params, mask), state, x, False)
       >>> bool(jnp.allclose(exported(x), masked, atol=1e-5))
       True
-      >>> export_inference('lenet300100', params, mask, formats={'fc1': 'csr'})
+      >>> export_inference('lenet300100', params, mask, formats={'fc1': 'csc'})
       Traceback (most recent call last):
       ...
-      ValueError: formats['fc1']='csr' is not a known format for layer 'fc1'; choose one of ('dense', 'bcsr', 'bcoo', 'gather') or 'auto' ...
+      ValueError: formats['fc1']='csc' is not a known format for layer 'fc1'; choose one of ('dense', 'bcsr', 'bcoo', 'gather', 'csr') or 'auto' ...
     """
     if name not in SUPPORTED:
         raise ValueError(f"export_inference supports the models {SUPPORTED}; got {name!r} "
@@ -460,29 +499,45 @@ def export_inference(name: str, params: PyTree, mask: Optional[PyTree] = None, m
     small = compact(name, params, mask, model_state, input_shape=input_shape, **model_kwargs)
     layout = _layout(name, small.params)
     chosen = _resolve_formats(formats, layout, candidates)
+    unavailable = {}  # candidate -> why it cannot run here
+    if not native.available():
+        why = f"native kernel unavailable: {native.unavailable_reason()}"
+        forced = [path for path, fmt in chosen.items() if fmt == "csr"]
+        if forced:
+            raise RuntimeError(f"formats asks for 'csr' for layers {forced}, but the {why}; choose another format")
+        unavailable = {"csr": why} if "csr" in candidates else {}
+    candidates = tuple(c for c in candidates if c not in unavailable)
+    if not candidates:
+        raise ValueError(f"no candidate format is available here: {unavailable}; add another format to candidates")
     measure = _default_measure(repeats) if measure is None else measure
     conv_impl = small.model_kwargs.get("conv_impl", "auto")
 
     layers, weights, measurements, skipped = [], {}, {}, {}
     key = jax.random.key(seed)
+    image = None if input_shape is None else tuple(input_shape)  # one example's input to the next convolution
     for i, (path, kind, relu, pool) in enumerate(layout):
         kernel = np.asarray(small.params[path]["kernel"], np.float32)
         bias = np.asarray(small.params[path]["bias"], np.float32)
         nonzero = int(np.count_nonzero(np.asarray(small.mask[path]["kernel"]) & (kernel != 0)))
+        options = tuple(c for c in candidates if kind == "dense" or c in CONV_FORMATS) or ("dense",)
+        example = (kernel.shape[0],) if kind == "dense" else image
         fmt = chosen[path]
-        if kind == "conv":
-            stored = {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
-        elif fmt == "auto" and len(candidates) > 1:
-            packs = {c: _pack(c, kernel, bias) for c in candidates}
-            measurements[path], why = _measure_layer(kernel, relu, packs, batch_size, measure,
-                                                     jax.random.fold_in(key, i), max_temp_bytes)
-            if why:
-                skipped[path] = why
+        if fmt == "auto" and len(options) > 1 and example is not None:
+            packs = {c: _pack(c, kernel, bias) for c in options}
+            x = jax.random.normal(jax.random.fold_in(key, i), (batch_size, *example), jnp.float32)
+            measurements[path], why = _measure_layer(kind, relu, conv_impl, packs, x, measure, max_temp_bytes)
+            why = {**unavailable, **why}
             fmt = min(measurements[path], key=lambda c: _median(measurements[path][c]))  # min keeps the first of ties
             stored = packs[fmt]
         else:
-            fmt = candidates[0] if fmt == "auto" else fmt
+            why = {c: "not measured: pass input_shape= to time convolutions" for c in options[1:]} \
+                if fmt == "auto" and example is None else {}
+            fmt = options[0] if fmt == "auto" else fmt
             stored = _pack(fmt, kernel, bias)
+        if why:
+            skipped[path] = why
+        if kind == "conv" and image is not None:
+            image = (*(n // 2 if pool else n for n in image[:2]), kernel.shape[-1])
         weights[path] = stored
         layers.append(ExportedLayer(path, kind, fmt, tuple(kernel.shape), nonzero, _bytes(stored), relu, pool))
     return Exported(name, tuple(layers), weights, measurements, small, int(batch_size), conv_impl, skipped)
@@ -502,7 +557,7 @@ def format_export(exported: Exported) -> str:
       mlp exported for batch 2
         layer    kind   kernel        density  format        bytes  measured (median per call)
         fc0      dense  6x8            100.0%  bcsr            452  -
-        output   dense  8x10           100.0%  dense           360  dense 1 µs*, bcsr 2 µs, bcoo 3 µs, gather 4 µs
+        output   dense  8x10           100.0%  dense           360  dense 1 µs*, bcsr 2 µs, bcoo 3 µs, gather 4 µs, csr 5 µs
     """
     lines = [f"{exported.name} exported for batch {exported.batch_size}",
              f"  {'layer':<8} {'kind':<6} {'kernel':<12} {'density':>8}  {'format':<8} {'bytes':>10}  measured (median per call)"]
@@ -510,7 +565,7 @@ def format_export(exported: Exported) -> str:
         timings = exported.measurements.get(layer.path)
         measured = "-" if not timings else ", ".join(
             [f"{fmt} {format_seconds(_median(t))}{'*' if fmt == layer.format else ''}" for fmt, t in timings.items()]
-            + [f"{fmt} skipped (memory)" for fmt in exported.skipped.get(layer.path, {})])
+            + [f"{fmt} skipped ({why.splitlines()[0]})" for fmt, why in exported.skipped.get(layer.path, {}).items()])
         lines.append(f"  {layer.path:<8} {layer.kind:<6} {'x'.join(map(str, layer.shape)):<12} {layer.density:>8.1%}  "
                      f"{layer.format:<8} {layer.bytes:>10}  {measured}")
     return "\n".join(lines)
