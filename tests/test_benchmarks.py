@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lottojax import timing
+from lottojax.sparse_inference import CONV_FORMATS, FORMATS
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks"
 TINY = ["--dataset", "synthetic", "--synthetic-examples", "600", "--repeats", "1", "--warmup", "0",
@@ -109,7 +110,7 @@ def test_ticket_speed_benchmark_times_every_form_of_every_ticket(monkeypatch, tm
     out = tmp_path / "ticket_speed.json"
     importlib.import_module("ticket_speed").main(
         ["--synthetic", "--image-size", "8", "--synthetic-examples", "200", "--eval-examples", "50", "--steps", "2",
-         "--densities", "0.036", "--tickets", "magnitude", "--batches", "1,16", "--repeats", "1", "--auto-repeats", "1",
+         "--densities", "0.036", "--tickets", "magnitude", "--batches", "1,16", "--repeats", "1", "--auto-repeats", "1", "--latency-calls", "2",
          "--train-steps", "2", "--out", str(out)])
     saved = json.loads(out.read_text())
     models, densities, batches = ("lenet300100", "conv2"), (0.036,), (1, 16)
@@ -120,7 +121,8 @@ def test_ticket_speed_benchmark_times_every_form_of_every_ticket(monkeypatch, tm
         assert max(row["max_logit_diff"].values()) < 1e-4  # every form computes the ticket
         assert row["pays"] in ("yes", "NO", "unclear") and row["fastest"] in row["median_s"]
         assert (row["target"] is not None) == (row["density"] <= 0.05)
-        assert row["formats"]["output"] in ("dense", "bcsr", "bcoo", "gather")
+        assert row["formats"]["output"] in FORMATS and row["formats"].get("conv0", "dense") in CONV_FORMATS
+        assert row["calls_per_repeat"] == (2 if row["batch"] == 1 else 1)
     assert {(r["model"], r["target_density"]) for r in saved["training"]} == {(m, d) for m in models for d in densities}
     for ticket in saved["tickets"]:  # magnitude tickets at IMP's per-layer rates, near the target
         assert abs(ticket["density"] - ticket["target_density"]) < 0.25 * ticket["target_density"]

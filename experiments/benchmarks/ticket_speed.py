@@ -14,15 +14,20 @@ density with the same rates (faster; not IMP's masks).
 
 For each ticket and each batch size (``--batches``, default 1: latency, and 1000:
 throughput), four forms of the same network run side by side in one
-:func:`lottojax.timing.interleaved` call, each compiled ahead of time on a fixed input:
+:func:`lottojax.timing.interleaved` call, each compiled ahead of time on a fixed input with
+its weights (and mask) built into the program as constants, as a deployed model's are
+(passing a dozen weight arrays per call costs tens of microseconds, as much as a batch-1
+forward pass); at batch 1 each timed repeat makes ``--latency-calls`` calls one after
+another, each waiting for its result:
 
 - ``dense``: the full network with the dense (unpruned) weights;
 - ``masked``: the full network with the mask multiplied in the forward pass (how a ticket
-  runs while it is only simulated; the logits are the ticket's);
+  runs while it is only simulated; the logits are the ticket's; with constant weights and
+  mask XLA may fold the product into the weights);
 - ``compacted``: :func:`lottojax.compact.compact`'s smaller dense network;
 - ``sparse export``: :func:`lottojax.sparse_inference.export_inference` at that batch size
-  (``formats='auto'``: each dense layer of the compacted network in the format measured
-  fastest on this machine, convolutions dense), run by
+  (``formats='auto'``: each layer of the compacted network in the format measured fastest
+  on this machine, the native ``'csr'`` kernel among them where it builds), run by
   :func:`lottojax.sparse_inference.compile_apply`.
 
 Every form's logits are checked against the masked network's. The summary table gives,
@@ -128,10 +133,11 @@ def make_tickets(name: str, data: Dataset, args) -> tuple:
 
 
 def aot(fn, *args):
-    """``fn`` (a jitted function: reused, it compiles once per input shapes) compiled for
-    ``args`` and bound to them: a zero-argument callable."""
-    compiled = fn.lower(*args).compile()
-    return lambda: compiled(*args)
+    """``fn(*args)`` compiled ahead of time with every argument but the last (the input) built
+    into the program as constants, as a deployed model's weights are: a zero-argument callable."""
+    *weights, x = args
+    compiled = jax.jit(lambda x: fn(*weights, x)).lower(x).compile()
+    return lambda: compiled(x)
 
 
 def full_forms(model, state) -> dict:
@@ -157,6 +163,14 @@ def inference_forms(full, ticket, small, exported, x) -> tuple[dict, dict]:
     return fns, diffs
 
 
+def one_after_another(fn, calls: int):
+    """``fn`` called ``calls`` times, each waiting for its result (latency, not pipelined)."""
+    def run():
+        for _ in range(calls):
+            jax.block_until_ready(fn())
+    return run
+
+
 def verdict(comparison: Comparison) -> str:
     return {"met": "yes", "NOT MET": "NO", "undecided": "unclear"}[comparison.verdict]
 
@@ -169,14 +183,16 @@ def bench_inference(name, model, state, tickets, args) -> tuple[list, list]:
         for batch in args.batches:
             x = jax.random.normal(jax.random.key(batch), (batch, *model_input_shape(args)), jnp.float32)
             exported = export_inference(name, ticket["params"], ticket["mask"], state, batch_size=batch,
-                                        repeats=args.auto_repeats)
+                                        repeats=args.auto_repeats, input_shape=model_input_shape(args))
             fns, diffs = inference_forms(full, ticket, small, exported, x)
-            timings = interleaved(fns, repeats=args.repeats, warmup=1)
+            calls = args.latency_calls if batch == 1 else 1
+            timings = interleaved({f: one_after_another(fn, calls) for f, fn in fns.items()}, repeats=args.repeats,
+                                  warmup=1)
             fastest = min(FORMS, key=lambda f: timings[f].median)
             best_sparse = min(FORMS[1:], key=lambda f: timings[f].median)
             title = f"{name} at {ticket['density']:.1%} density, batch {batch}"
             low = ticket["density"] <= TARGET_DENSITY
-            main = Comparison(title, "example", batch, {f: timings[f] for f in FORMS}, "dense", best_sparse,
+            main = Comparison(title, "example", batch * calls, {f: timings[f] for f in FORMS}, "dense", best_sparse,
                               f"dense/{best_sparse} (speedup)", (">=", TARGET_SPEEDUP) if low else None,
                               checks={"max |logits - masked logits| (compacted, sparse export)":
                                       (diffs["compacted"], diffs["sparse export"]),
@@ -185,8 +201,8 @@ def bench_inference(name, model, state, tickets, args) -> tuple[list, list]:
             comparisons.append(main)
             rows.append(dict(
                 model=name, target_density=ticket["target"], density=ticket["density"], level=ticket["level"],
-                batch=batch, median_s={f: timings[f].median for f in FORMS},
-                examples_per_s={f: batch / timings[f].median for f in FORMS},
+                batch=batch, calls_per_repeat=calls, median_s={f: timings[f].median / calls for f in FORMS},
+                examples_per_s={f: batch * calls / timings[f].median for f in FORMS},
                 fastest=fastest, best_non_dense=best_sparse, speedup=main.ratio, paired_speedup=main.paired_median,
                 paired_interval_95=main.paired_interval, pays=verdict(pays),
                 target=None if not low else f">= {TARGET_SPEEDUP}x: {main.verdict}",
@@ -271,6 +287,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-batch", type=int, default=60)
     parser.add_argument("--train-steps", type=int, default=20, help="steps per timed training call")
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--latency-calls", type=int, default=100,
+                        help="at batch 1, each timed repeat makes this many calls one after another (one call "
+                             "takes ~0.1 ms, mostly dispatch: a single one is timer noise); figures are per call")
     parser.add_argument("--auto-repeats", type=int, default=9, help="timed calls per candidate format per layer")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write every figure as JSON here")
