@@ -15,17 +15,13 @@ source, the flags, jax's version and the CPU's instruction sets, so a new jax or
 rebuilds it. No compiler, a failed build or ``LOTTOJAX_NATIVE=0`` make :func:`available`
 false, and :func:`unavailable_reason` says why; the pure-XLA formats keep working.
 
-Examples:
+Examples (needing the kernel, so a C++ compiler):
   >>> import numpy as np
-  >>> if available():
-  ...     w = np.array([[0., 2., 0.], [1., 0., 3.]], np.float32)      # (outputs, inputs)
-  ...     x = np.array([[1., 1., 1.], [1., 2., 3.]], np.float32)      # (batch, inputs)
-  ...     y = csr_matmul(x, *csr_arrays(w), bias=np.array([0., -20.], np.float32), relu=True)
-  ...     print(np.asarray(y))
-  ... else:
-  ...     print([[2., 0.], [4., 0.]])
-  [[2. 0.]
-   [4. 0.]]
+  >>> w = np.array([[0., 2., 0.], [1., 0., 3.]], np.float32)      # (outputs, inputs)
+  >>> x = np.array([[1., 1., 1.], [1., 2., 3.]], np.float32)      # (batch, inputs)
+  >>> np.asarray(csr_matmul(x, *csr_arrays(w), bias=np.array([0., -20.], np.float32), relu=True))
+  array([[2., 0.],
+         [4., 0.]], dtype=float32)
 """
 from __future__ import annotations
 
@@ -140,8 +136,8 @@ def conv_csr_arrays(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     kernel = np.asarray(kernel, np.float32)
     if kernel.ndim != 4:
         raise ValueError(f"kernel must be 4-D (kh, kw, inputs, outputs); got shape {kernel.shape}")
-    kh, kw, inputs, _ = kernel.shape
-    indptr, taps, values = csr_arrays(kernel.transpose(3, 0, 1, 2).reshape(kernel.shape[3], -1))
+    _, kw, inputs, outputs = kernel.shape
+    indptr, taps, values = csr_arrays(kernel.transpose(3, 0, 1, 2).reshape(outputs, -1))
     return indptr, taps % inputs, taps // (kw * inputs), (taps // inputs) % kw, values
 
 
