@@ -88,8 +88,9 @@ def test_barrier_of_identical_networks_is_zero(mlp_setup):
     params = trainer.init(jax.random.key(3)).params
     path = error_barrier(trainer.evaluate, params, params, data.x_test, data.y_test)
     assert path.error.shape == (30,)
-    assert float(path.barrier) == 0.0 and float(path.loss_barrier) == 0.0
-    np.testing.assert_array_equal(path.loss, np.full(30, path.loss[0]))
+    assert float(path.barrier) == 0.0 and abs(float(path.loss_barrier)) <= 1e-6
+    # (1 - α)·a + α·a is a only up to one rounding per weight (seen: 1 ulp of the loss at α = 8/29)
+    np.testing.assert_allclose(path.loss, np.full(30, path.loss[0]), rtol=1e-6)
 
 
 def test_least_squares_loss_along_the_path_stays_under_the_chord():
