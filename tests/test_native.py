@@ -97,6 +97,7 @@ def reload_native():
 ])
 def test_without_the_kernel_auto_skips_csr_and_forcing_it_says_why(env, why, monkeypatch, tmp_path, reload_native):
     monkeypatch.setenv("LOTTOJAX_CACHE_DIR", str(tmp_path))  # nothing cached: the build runs
+    monkeypatch.delenv("LOTTOJAX_NATIVE", raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert not native.available()
