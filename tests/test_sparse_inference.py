@@ -106,7 +106,7 @@ def test_auto_picks_the_fastest_measured_candidate_per_layer():
              {"dense": 1.0, "bcsr": 2.0, "bcoo": 3.0, "gather": 0.5, "csr": 6.0},   # fc1
              {"dense": 1.0, "bcsr": 1.0, "bcoo": 3.0, "gather": 4.0, "csr": 6.0}]   # output: a tie goes to the earlier candidate
     measure, calls = fake_measure(table)
-    exported = export_inference("conv2", params, mask, batch_size=7, measure=measure)
+    exported = export_inference("conv2", params, mask, batch_size=7, measure=measure, check_network=False)
     assert calls == [AVAILABLE] * 3  # once per dense layer, never for the convolutions
     assert exported.formats == {"conv0": "dense", "conv1": "dense", "fc0": "bcsr", "fc1": "gather", "output": "dense"}
     assert exported.seconds == {layer: {f: t[f] for f in AVAILABLE} for layer, t in zip(["fc0", "fc1", "output"], table)}
@@ -127,11 +127,37 @@ def test_measure_gets_runnable_layers_and_may_return_seconds():
         return {"dense": 3.0, "gather": 1.0}
 
     exported = export_inference("lenet300100", params, mask, batch_size=9, candidates=("dense", "gather"),
-                                measure=measure, formats={"fc1": "bcoo"})
+                                measure=measure, formats={"fc1": "bcoo"}, check_network=False)
     assert exported.formats == {"fc0": "gather", "fc1": "bcoo", "output": "gather"}
     assert set(exported.measurements) == {"fc0", "output"}
     kept = exported.compacted.kept
     assert ran["dense"] == [(9, kept["fc0"].size), (9, 5)]  # each candidate runs its layer at the batch size
+
+
+@pytest.mark.parametrize("network_faster", ["dense", "chosen"])
+def test_auto_keeps_the_per_layer_choices_only_if_the_whole_network_runs_faster(network_faster):
+    params, mask, model, state, input_shape = ticket("lenet300100")
+    ran = []
+
+    def measure(fns):  # per layer: gather wins; the whole network: `network_faster` wins
+        if set(fns) == {"dense", "chosen"}:
+            ran.extend(jax.block_until_ready(fn()).shape for fn in fns.values())
+            return {name: 1.0 if name == network_faster else 2.0 for name in fns}
+        return {fmt: 1.0 if fmt == "gather" else 2.0 for fmt in fns}
+
+    exported = export_inference("lenet300100", params, mask, batch_size=3, measure=measure, formats={"fc1": "bcoo"})
+    assert ran == [(3, 5), (3, 5)]  # each candidate ran the whole network at the batch size
+    assert exported.network_seconds == {"dense": 1.0 if network_faster == "dense" else 2.0,
+                                        "chosen": 1.0 if network_faster == "chosen" else 2.0}
+    measured = "dense" if network_faster == "dense" else "gather"
+    assert exported.formats == {"fc0": measured, "fc1": "bcoo", "output": measured}  # a forced format stays
+    assert bool(exported.fallback) == (network_faster == "dense")
+    assert ("exported dense" in format_export(exported)) == (network_faster == "dense")
+    assert set(exported.measurements) == {"fc0", "output"}  # the per-layer timings stay on record
+    x = jax.random.normal(jax.random.key(0), (4, *input_shape))
+    np.testing.assert_allclose(exported(x), masked_logits(model, params, mask, state, x), rtol=1e-5, atol=1e-5)
+    unchecked = export_inference("lenet300100", params, mask, measure=measure, check_network=False)
+    assert unchecked.network_seconds == {} and set(unchecked.formats.values()) == {"gather"}
 
 
 def test_a_layer_the_ticket_prunes_entirely_still_exports():
@@ -200,7 +226,8 @@ def test_auto_times_convolutions_given_the_input_shape():
     params, mask, model, state, input_shape = ticket("conv2")
     measure, calls = fake_measure([{"dense": 2.0, "csr": 1.0}, {"dense": 1.0, "csr": 2.0}]
                                   + [{f: 1.0 for f in FORMATS}] * 3)
-    exported = export_inference("conv2", params, mask, batch_size=3, measure=measure, input_shape=input_shape)
+    exported = export_inference("conv2", params, mask, batch_size=3, measure=measure, input_shape=input_shape,
+                                check_network=False)
     assert calls[:2] == [("dense", "csr")] * 2 and calls[2:] == [FORMATS] * 3
     assert exported.formats["conv0"] == "csr" and exported.formats["conv1"] == "dense"
     x = jax.random.normal(jax.random.key(0), (5, *input_shape))

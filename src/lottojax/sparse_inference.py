@@ -231,6 +231,10 @@ class Exported(NamedTuple):
       batch_size: the batch size the formats were measured at.
       conv_impl: how convolutions run (see :mod:`lottojax.models.convolution`).
       skipped: layer path -> candidate format -> why ``'auto'`` did not time it.
+      network_seconds: the whole-network check of ``'auto'`` (``check_network``): median
+        seconds per call of the network with the per-layer choices (``'chosen'``) and with
+        every layer dense (``'dense'``); empty when it did not run.
+      fallback: why the per-layer choices were dropped for dense layers ('' if they were not).
     """
 
     name: str
@@ -241,6 +245,8 @@ class Exported(NamedTuple):
     batch_size: int
     conv_impl: str = "auto"
     skipped: dict = {}
+    network_seconds: dict = {}
+    fallback: str = ""
 
     @property
     def formats(self) -> dict:
@@ -425,7 +431,7 @@ def export_inference(name: str, params: PyTree, mask: Optional[PyTree] = None, m
                      *, formats: Union[str, Mapping[str, str]] = "auto", batch_size: int = 1,
                      candidates: Sequence[str] = FORMATS, repeats: int = 15, measure: Optional[Measure] = None,
                      max_temp_bytes: Optional[int] = 2**30, input_shape: Optional[tuple] = None, seed: int = 0,
-                     **model_kwargs) -> Exported:
+                     check_network: bool = True, **model_kwargs) -> Exported:
     """Exports a ticket for inference: compacted, then each dense layer in its fastest format.
 
     Args:
@@ -444,7 +450,8 @@ def export_inference(name: str, params: PyTree, mask: Optional[PyTree] = None, m
         calls the layer enough times in a row to last about a millisecond.
       measure: replaces the timing: called once per measured layer with ``{format:
         zero-argument callable}`` (each runs the compiled layer once), it returns ``{format:
-        Timing or seconds}``; the smallest median wins (ties: the earlier candidate). Default:
+        Timing or seconds}``; the smallest median wins (ties: the earlier candidate); then
+        once for ``check_network``. Default:
         :func:`lottojax.timing.interleaved` with ``repeats``, in seconds per call.
       max_temp_bytes: ``'auto'`` skips a sparse candidate whose compiled layer needs more
         temporary memory than this at ``batch_size`` (XLA's memory analysis; BCOO's product
@@ -453,6 +460,13 @@ def export_inference(name: str, params: PyTree, mask: Optional[PyTree] = None, m
       input_shape: shape of one example (for ``Exported.compacted.model()`` and to time the
         convolutions' formats).
       seed: seeds the random inputs of the measurements.
+      check_network: after choosing layer by layer, time the whole network with those choices
+        against it with every measured layer dense (``measure`` gets ``{'dense': ...,
+        'chosen': ...}``, each running the network compiled by :func:`compile_apply`) and
+        export the dense one if it is faster (``Exported.fallback`` says so): per-layer
+        timings need not compose. Runs when a measured layer chose a sparse format,
+        ``'dense'`` is a candidate and the input's shape is known (``input_shape=``; MLPs:
+        their first layer's inputs).
       **model_kwargs: constructor arguments the full model was created with (e.g.
         ``conv_impl=``), as for :func:`lottojax.compact.compact`.
 
@@ -471,11 +485,12 @@ def export_inference(name: str, params: PyTree, mask: Optional[PyTree] = None, m
       >>> model = create('lenet300100', input_shape=(4, 4, 1), hidden=(16, 8))
       >>> params, state = model.init(jax.random.key(0))
       >>> mask = jax.tree.map(lambda p: jax.random.uniform(jax.random.key(1), p.shape) < 0.2, params)
-      >>> fake = {'dense': 3e-6, 'bcsr': 2e-6, 'bcoo': 5e-6, 'gather': 1e-6, 'csr': 4e-6}  # a fake clock
+      >>> fake = {'dense': 3e-6, 'bcsr': 2e-6, 'bcoo': 5e-6, 'gather': 1e-6, 'csr': 4e-6,  # a fake clock
+      ...         'chosen': 2e-6}  # the whole network with the per-layer choices ('dense': all dense)
       >>> exported = export_inference('lenet300100', params, mask, batch_size=1,
       ...                             measure=lambda fns: {f: Timing((fake[f],), (0.0,)) for f in fns})
-      >>> exported.formats
-      {'fc0': 'gather', 'fc1': 'gather', 'output': 'gather'}
+      >>> exported.formats, exported.network_seconds
+      ({'fc0': 'gather', 'fc1': 'gather', 'output': 'gather'}, {'dense': 3e-06, 'chosen': 2e-06})
       >>> x = jax.random.normal(jax.random.key(2), (3, 4, 4, 1))
       >>> masked, _ = model.apply(apply_mask(params, mask), state, x, False)
       >>> bool(jnp.allclose(exported(x), masked, atol=1e-5))
@@ -512,7 +527,7 @@ def export_inference(name: str, params: PyTree, mask: Optional[PyTree] = None, m
     measure = _default_measure(repeats) if measure is None else measure
     conv_impl = small.model_kwargs.get("conv_impl", "auto")
 
-    layers, weights, measurements, skipped = [], {}, {}, {}
+    layers, weights, measured_dense, measurements, skipped = [], {}, {}, {}, {}
     key = jax.random.key(seed)
     image = None if input_shape is None else tuple(input_shape)  # one example's input to the next convolution
     for i, (path, kind, relu, pool) in enumerate(layout):
@@ -539,14 +554,38 @@ def export_inference(name: str, params: PyTree, mask: Optional[PyTree] = None, m
         if kind == "conv" and image is not None:
             image = (*(n // 2 if pool else n for n in image[:2]), kernel.shape[-1])
         weights[path] = stored
+        measured_dense[path] = _pack("dense", kernel, bias) if path in measurements else stored
         layers.append(ExportedLayer(path, kind, fmt, tuple(kernel.shape), nonzero, _bytes(stored), relu, pool))
-    return Exported(name, tuple(layers), weights, measurements, small, int(batch_size), conv_impl, skipped)
+    exported = Exported(name, tuple(layers), weights, measurements, small, int(batch_size), conv_impl, skipped)
+    dense = exported._replace(weights=measured_dense, layers=tuple(
+        l._replace(format="dense", bytes=_bytes(measured_dense[l.path])) if l.path in measurements else l for l in layers))
+    first_path, first_kind, *_ = layout[0]
+    one_input = tuple(input_shape) if input_shape is not None else \
+        (np.shape(small.params[first_path]["kernel"])[0],) if first_kind == "dense" else None
+    if not check_network or "dense" not in candidates or exported.spec == dense.spec or one_input is None:
+        return exported
+    return _check_network(exported, dense, (batch_size, *one_input), measure)
+
+
+def _check_network(exported: Exported, dense: Exported, input_shape: tuple, measure: Measure) -> Exported:
+    """Per-layer choices need not compose (a sparse layer may change the layouts or the cache
+    use of its neighbours): times the whole exported network against ``dense`` (its measured
+    layers dense), and keeps ``dense`` unless the choices are faster."""
+    x = jax.random.normal(jax.random.key(0), input_shape, jnp.float32)
+    programs = {"dense": compile_apply(dense, input_shape), "chosen": compile_apply(exported, input_shape)}
+    timings = measure({name: functools.partial(program, x) for name, program in programs.items()})
+    seconds = {name: _median(timings[name]) for name in programs}
+    if seconds["dense"] < seconds["chosen"]:
+        why = (f"the per-layer choices {exported.formats} ran the whole network in {format_seconds(seconds['chosen'])}, "
+               f"every layer dense in {format_seconds(seconds['dense'])}: exported dense")
+        return dense._replace(network_seconds=seconds, fallback=why)
+    return exported._replace(network_seconds=seconds)
 
 
 def format_export(exported: Exported) -> str:
     """A table of the exported layers: shape, density, format, bytes, and the median time of
     every measured candidate (``*`` marks the choice; candidates skipped for their memory
-    are listed as such).
+    are listed as such); then the whole-network check, if it ran.
 
     Examples:
       >>> from lottojax.models import create
@@ -568,4 +607,8 @@ def format_export(exported: Exported) -> str:
             + [f"{fmt} skipped ({why.splitlines()[0]})" for fmt, why in exported.skipped.get(layer.path, {}).items()])
         lines.append(f"  {layer.path:<8} {layer.kind:<6} {'x'.join(map(str, layer.shape)):<12} {layer.density:>8.1%}  "
                      f"{layer.format:<8} {layer.bytes:>10}  {measured}")
+    if exported.network_seconds:
+        seconds = {k: format_seconds(v) for k, v in exported.network_seconds.items()}
+        lines.append(f"  whole network: per-layer choices {seconds['chosen']}, measured layers dense {seconds['dense']}"
+                     + (": exported dense" if exported.fallback else ""))
     return "\n".join(lines)
