@@ -135,3 +135,29 @@ def test_exported_csr_layers_run_under_jit_with_the_bias_and_relu_fused():
     x = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
     hidden = np.maximum(x @ np.asarray(params["fc0"]["kernel"]) + 1, 0)
     np.testing.assert_allclose(exported(x), hidden @ np.asarray(params["output"]["kernel"]), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch", [1, 63, 64, 130, 1000])  # per example, whole blocks, a ragged block, threads
+def test_csr_chain_equals_the_layers_one_after_another(batch):
+    weights = [sparse_weight(40, 70, 0.2, seed=0), sparse_weight(30, 40, 0.3, seed=1), sparse_weight(7, 30, 0.5, seed=2)]
+    biases = [np.random.default_rng(i).standard_normal(w.shape[0]).astype(np.float32) for i, w in enumerate(weights)]
+    relu = [True, True, False]
+    x = np.random.default_rng(batch).standard_normal((batch, 70)).astype(np.float32)
+    layers = [dict(zip(("indptr", "indices", "values"), native.csr_arrays(w)), bias=b) for w, b in zip(weights, biases)]
+    expected = x.astype(np.float64)
+    for w, b, r in zip(weights, biases, relu):
+        expected = reference(expected, w, b, r)
+    y = jax.jit(lambda x: native.csr_chain(x, layers, relu=relu))(x)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_a_chain_whose_layers_do_not_fit_is_refused():
+    first = dict(zip(("indptr", "indices", "values"), native.csr_arrays(sparse_weight(5, 4, 0.5))))
+    wide = dict(zip(("indptr", "indices", "values"), native.csr_arrays(np.ones((2, 6), np.float32))))  # reads 6 inputs
+    x = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match=r"layers \(2\) and relu \(1\) need one entry per layer"):
+        native.csr_chain(x, [first, first], relu=[True])
+    with pytest.raises(Exception, match="an input index reads outside x"):  # layer 1 has 5 inputs, not 6
+        jax.block_until_ready(native.csr_chain(x, [first, wide], relu=[True, False]))

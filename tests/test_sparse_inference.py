@@ -9,7 +9,7 @@ import pytest
 from lottojax import native
 from lottojax.masks import apply_mask
 from lottojax.models import create
-from lottojax.sparse_inference import FORMATS, FUSED_GATHER_LIMIT, apply, export_inference, format_export, gather_matmul
+from lottojax.sparse_inference import FORMATS, FUSED_GATHER_LIMIT, NETWORK_RIVALS, apply, export_inference, format_export, gather_matmul
 from lottojax.timing import Timing
 
 #: Every format that can run here ('csr' needs the native kernel, so a C++ compiler).
@@ -134,25 +134,29 @@ def test_measure_gets_runnable_layers_and_may_return_seconds():
     assert ran["dense"] == [(9, kept["fc0"].size), (9, 5)]  # each candidate runs its layer at the batch size
 
 
-@pytest.mark.parametrize("network_faster", ["dense", "chosen"])
-def test_auto_keeps_the_per_layer_choices_only_if_the_whole_network_runs_faster(network_faster):
+@pytest.mark.parametrize("network_faster", ["chosen", *NETWORK_RIVALS])
+def test_auto_exports_the_network_that_runs_fastest_as_a_whole(network_faster):
     params, mask, model, state, input_shape = ticket("lenet300100")
     ran = []
 
-    def measure(fns):  # per layer: gather wins; the whole network: `network_faster` wins
-        if set(fns) == {"dense", "chosen"}:
-            ran.extend(jax.block_until_ready(fn()).shape for fn in fns.values())
+    def measure(fns):  # per layer: gather wins; whole networks: `network_faster` wins
+        if "chosen" in fns:
+            ran.extend((name, jax.block_until_ready(fn()).shape) for name, fn in fns.items())
             return {name: 1.0 if name == network_faster else 2.0 for name in fns}
         return {fmt: 1.0 if fmt == "gather" else 2.0 for fmt in fns}
 
+    if network_faster in FORMATS and network_faster not in AVAILABLE:
+        pytest.skip(f"{network_faster} is not available here")
     exported = export_inference("lenet300100", params, mask, batch_size=3, measure=measure, formats={"fc1": "bcoo"})
-    assert ran == [(3, 5), (3, 5)]  # each candidate ran the whole network at the batch size
-    assert exported.network_seconds == {"dense": 1.0 if network_faster == "dense" else 2.0,
-                                        "chosen": 1.0 if network_faster == "chosen" else 2.0}
-    measured = "dense" if network_faster == "dense" else "gather"
+    rivals = [f for f in NETWORK_RIVALS if f in AVAILABLE]
+    assert ran == [(name, (3, 5)) for name in ["chosen", *rivals]]  # each ran the whole network at the batch size
+    assert exported.network_seconds == {name: 1.0 if name == network_faster else 2.0 for name in ["chosen", *rivals]}
+    assert exported.network_choice == network_faster
+    measured = "gather" if network_faster == "chosen" else network_faster
     assert exported.formats == {"fc0": measured, "fc1": "bcoo", "output": measured}  # a forced format stays
-    assert bool(exported.fallback) == (network_faster == "dense")
-    assert ("exported dense" in format_export(exported)) == (network_faster == "dense")
+    marked = {"chosen": "per-layer choices 1.00 s*", "dense": "measured layers dense 1.00 s*",
+              "csr": "measured layers csr 1.00 s*"}
+    assert marked[network_faster] in format_export(exported) and format_export(exported).count("*") == 3
     assert set(exported.measurements) == {"fc0", "output"}  # the per-layer timings stay on record
     x = jax.random.normal(jax.random.key(0), (4, *input_shape))
     np.testing.assert_allclose(exported(x), masked_logits(model, params, mask, state, x), rtol=1e-5, atol=1e-5)
@@ -234,3 +238,12 @@ def test_auto_times_convolutions_given_the_input_shape():
     np.testing.assert_allclose(exported(x), masked_logits(model, params, mask, state, x), rtol=1e-5, atol=1e-5)
     without_shape = export_inference("conv2", params, mask, measure=lambda fns: {f: 1.0 for f in fns})
     assert without_shape.formats["conv0"] == "dense" and "input_shape=" in without_shape.skipped["conv0"]["csr"]
+
+
+def test_consecutive_csr_dense_layers_run_as_one_step():
+    from lottojax.sparse_inference import _steps
+    layer = lambda path, kind, fmt: (path, kind, fmt, True, False)
+    layers = (layer("conv0", "conv", "csr"), layer("fc0", "dense", "csr"), layer("fc1", "dense", "csr"),
+              layer("fc2", "dense", "gather"), layer("fc3", "dense", "csr"), layer("output", "dense", "csr"))
+    assert [[path for path, *_ in step] for step in _steps(layers)] == [["conv0"], ["fc0", "fc1"], ["fc2"],
+                                                                         ["fc3", "output"]]

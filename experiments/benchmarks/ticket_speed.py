@@ -28,7 +28,8 @@ another, each waiting for its result:
 - ``sparse export``: :func:`lottojax.sparse_inference.export_inference` at that batch size
   (``formats='auto'``: each layer of the compacted network in the format measured fastest
   on this machine, the native ``'csr'`` kernel among them where it builds, kept only if the
-  whole network then runs faster than with those layers dense), run by
+  whole network then runs faster than with every measured layer dense or every one
+  ``'csr'``), run by
   :func:`lottojax.sparse_inference.compile_apply`.
 
 Every form's logits are checked against the masked network's. The summary table gives,
@@ -208,12 +209,12 @@ def bench_inference(name, model, state, tickets, args) -> tuple[list, list]:
                 paired_interval_95=main.paired_interval, pays=verdict(pays),
                 target=None if not low else f">= {TARGET_SPEEDUP}x: {main.verdict}",
                 formats=exported.formats, skipped=exported.skipped,
-                auto_seconds=exported.seconds, network_seconds=exported.network_seconds, fallback=exported.fallback,
+                auto_seconds=exported.seconds, network_seconds=exported.network_seconds, network_choice=exported.network_choice,
                 max_logit_diff=diffs,
                 compacted_params=int(sum(p.size for p in jax.tree.leaves(small.params))),
                 comparison=main.as_dict()))
             print(f"  {title}: fastest {fastest}, speedup {main.ratio:.2f}x, formats {exported.formats}"
-                  + (" (the per-layer choices were slower as a whole network)" if exported.fallback else ""), flush=True)
+                  + f" (whole network: {exported.network_choice})", flush=True)
     return comparisons, rows
 
 

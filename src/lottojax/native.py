@@ -6,7 +6,9 @@ to gathers and scatters). :func:`csr_matmul` (dense layers) and :func:`csr_conv`
 through the XLA FFI: every stored weight adds ``w`` times a contiguous run of 64 inputs
 (batch entries of one feature, or pixels of one channel) to its output row at once, in
 registers, so a layer costs its nonzeros times the batch (times the pixels) in vector
-multiply-adds and nothing for its zeros. Bias and ReLU are fused.
+multiply-adds and nothing for its zeros. Bias and ReLU are fused. :func:`csr_chain` runs
+several dense layers in one call: each block of examples passes through all of them in the
+thread's cache, and a batch-1 network pays one call's dispatch instead of one per layer.
 
 The kernel is compiled on first use with the machine's C++ compiler (``$CXX``, else ``c++``;
 ``-O3 -march=native``) against the headers that ship with jaxlib, and cached in
@@ -34,13 +36,14 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-TARGET = "lottojax_csr_matmul"
+#: FFI target name -> the kernel's exported handler symbol.
+TARGETS = {"lottojax_csr_windows": "LottojaxCsrWindows", "lottojax_csr_chain": "LottojaxCsrChain"}
 SOURCE = Path(__file__).parent / "csrc" / "csr_matmul.cc"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
@@ -90,7 +93,8 @@ def _load() -> tuple[bool, str]:
         if not target.exists():
             _build(compiler, target)
         library = ctypes.cdll.LoadLibrary(str(target))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.LottojaxCsrMatmul), platform="cpu")
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, RuntimeError) as error:
         return False, f"building or loading the kernel failed: {error}"
     return True, ""
@@ -148,29 +152,22 @@ def _check(**arrays: tuple) -> None:
                              f"got shape {array.shape} dtype {array.dtype}")
 
 
-def _call_kernel(x: jax.Array, indptr: jax.Array, offsets: jax.Array, values: jax.Array,
-                 bias: Optional[jax.Array], relu: bool, *, groups: int = 1, group_stride: int = 0,
-                 columns: int = 0) -> jax.Array:
-    """The kernel (see ``csrc/csr_matmul.cc``). With ``columns > 0``: ``y[o, g C + q] = act(bias[o]
-    + sum_k values[k] * x.flat[g S + offsets[k] + q])`` for ``q < C = columns``, ``S =
-    group_stride``, shaped ``(outputs, groups * columns)``; with ``columns=0``: the dense layer
-    ``act(x @ W.T + bias)`` of a row-major ``x`` (batch, inputs), ``offsets`` = input indices."""
+def _require_kernel() -> None:
     if not available():
         raise RuntimeError(f"lottojax's native CSR kernel is not available: {unavailable_reason()}; "
                            "use a pure-XLA format ('dense', 'bcsr', 'bcoo', 'gather') instead")
+
+
+def _checked_bias(bias: Optional[jax.Array], indptr: jax.Array, nonzeros: int, values: jax.Array) -> jax.Array:
+    """``bias`` (zeros for ``None``), its length and the values' checked against ``indptr``."""
     outputs = indptr.shape[0] - 1
     bias = jnp.zeros((outputs,), jnp.float32) if bias is None else jnp.asarray(bias)
     _check(bias=(bias, 1, jnp.float32))
-    if bias.shape != (outputs,) or offsets.shape != values.shape:
+    if bias.shape != (outputs,) or nonzeros != values.shape[0]:
         raise ValueError(f"indptr has {indptr.shape[0]} entries (outputs + 1), so bias must have {outputs} "
                          f"(got {bias.shape[0]}) and the indices and values one per nonzero "
-                         f"(got {offsets.shape[0]} and {values.shape[0]})")
-    if x.size >= 2**31:
-        raise ValueError(f"x has {x.size} elements; the kernel's int32 offsets reach 2**31: split the batch")
-    shape = (outputs, groups * columns) if columns else (x.shape[0], outputs)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")
-    return call(x, indptr, offsets.astype(jnp.int32), values, bias, relu=bool(relu), row_major=not columns,
-                groups=np.int64(groups), group_stride=np.int64(group_stride), columns=np.int64(columns))
+                         f"(got {nonzeros} and {values.shape[0]})")
+    return bias
 
 
 def csr_matmul(x: jax.Array, indptr: jax.Array, indices: jax.Array, values: jax.Array, *,
@@ -195,10 +192,45 @@ def csr_matmul(x: jax.Array, indptr: jax.Array, indices: jax.Array, values: jax.
       RuntimeError: the kernel is not available here (the message says why).
       ValueError: an argument of the wrong rank, length or dtype (named in the message).
     """
-    x, indptr, indices, values = map(jnp.asarray, (x, indptr, indices, values))
-    _check(x=(x, 2, jnp.float32), indptr=(indptr, 1, jnp.int32), indices=(indices, 1, jnp.int32),
-           values=(values, 1, jnp.float32))
-    return _call_kernel(x, indptr, indices, values, bias, relu)
+    return csr_chain(x, [dict(indptr=indptr, indices=indices, values=values, bias=bias)], relu=[relu])
+
+
+def csr_chain(x: jax.Array, layers: Sequence[Mapping[str, Optional[jax.Array]]], *, relu: Sequence[bool]) -> jax.Array:
+    """Dense layers ``h = act_l(h @ W_l.T + bias_l)`` one after another, all in one kernel call.
+
+    Each block of 64 examples passes through every layer in the thread's cache, and the
+    call costs one dispatch however many layers there are (at batch 1 each call costs
+    several microseconds, as much as a small layer).
+
+    Args:
+      x: ``(batch, inputs)`` float32.
+      layers: per layer a mapping with ``indptr``, ``indices``, ``values`` and ``bias`` as for
+        :func:`csr_matmul` (``bias`` may be ``None``); layer ``l + 1`` reads layer ``l``'s outputs.
+      relu: per layer, whether ``max(., 0)`` follows it.
+
+    Returns:
+      ``(batch, outputs of the last layer)`` float32.
+
+    Examples (needing the kernel):
+      >>> w0, w1 = np.array([[1., -1.], [0., 2.]], np.float32), np.array([[1., 1.]], np.float32)
+      >>> layers = [dict(zip(('indptr', 'indices', 'values'), csr_arrays(w))) for w in (w0, w1)]
+      >>> np.asarray(csr_chain(np.array([[1., 3.]], np.float32), layers, relu=[True, False]))
+      array([[6.]], dtype=float32)
+    """
+    _require_kernel()
+    x = jnp.asarray(x)
+    _check(x=(x, 2, jnp.float32))
+    if len(layers) != len(relu) or not layers:
+        raise ValueError(f"layers ({len(layers)}) and relu ({len(relu)}) need one entry per layer, at least one")
+    buffers, width = [], x.shape[1]
+    for layer in layers:
+        indptr, indices, values = (jnp.asarray(layer[k]) for k in ("indptr", "indices", "values"))
+        _check(indptr=(indptr, 1, jnp.int32), indices=(indices, 1, jnp.int32), values=(values, 1, jnp.float32))
+        buffers += [indptr, indices, values, _checked_bias(layer.get("bias"), indptr, indices.shape[0], values)]
+        width = indptr.shape[0] - 1
+    call = jax.ffi.ffi_call("lottojax_csr_chain", jax.ShapeDtypeStruct((x.shape[0], width), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, *buffers, relu_mask=np.int64(sum(1 << l for l, r in enumerate(relu) if r)))
 
 
 def csr_conv(x: jax.Array, indptr: jax.Array, channel: jax.Array, dy: jax.Array, dx: jax.Array,
@@ -221,6 +253,7 @@ def csr_conv(x: jax.Array, indptr: jax.Array, channel: jax.Array, dy: jax.Array,
     Returns:
       ``(batch, height, width, outputs)`` float32.
     """
+    _require_kernel()
     x, indptr, channel, dy, dx, values = map(jnp.asarray, (x, indptr, channel, dy, dx, values))
     _check(x=(x, 4, jnp.float32), indptr=(indptr, 1, jnp.int32), channel=(channel, 1, jnp.int32),
            dy=(dy, 1, jnp.int32), dx=(dx, 1, jnp.int32), values=(values, 1, jnp.float32))
@@ -230,6 +263,11 @@ def csr_conv(x: jax.Array, indptr: jax.Array, channel: jax.Array, dy: jax.Array,
     padded = jnp.pad(x.transpose(0, 3, 1, 2), ((0, 0), (0, 0), (top, kh - 1 - top), (left, kw - 1 - left)))
     hp, wp = height + kh - 1, width + kw - 1
     flat = jnp.pad(padded.reshape(-1), (0, (kh - 1) * wp + kw - 1))  # the last pixels' taps stay inside
-    y = _call_kernel(flat, indptr, channel * (hp * wp) + dy * wp + dx, values, bias, relu, groups=batch,
-                     group_stride=inputs * hp * wp, columns=hp * wp)
+    if flat.size >= 2**31:
+        raise ValueError(f"x padded has {flat.size} elements; the kernel's int32 offsets reach 2**31: split the batch")
+    offsets = channel * (hp * wp) + dy * wp + dx
+    call = jax.ffi.ffi_call("lottojax_csr_windows", jax.ShapeDtypeStruct((indptr.shape[0] - 1, batch * hp * wp),
+                                                                          jnp.float32), vmap_method="sequential")
+    y = call(flat, indptr, offsets, values, _checked_bias(bias, indptr, offsets.shape[0], values), relu=bool(relu),
+             groups=np.int64(batch), group_stride=np.int64(inputs * hp * wp), columns=np.int64(hp * wp))
     return y.reshape(-1, batch, hp, wp)[:, :, :height, :width].transpose(1, 2, 3, 0)

@@ -16,15 +16,19 @@ each dense (fully connected) layer of the smaller network in one of five formats
   over ``k`` on the transposed input, where each step gathers whole contiguous batch rows;
 - ``'csr'``: ``W.T`` in CSR form for :func:`lottojax.native.csr_matmul`, a C++ kernel
   (XLA FFI, CPU only, compiled on first use) that adds each stored weight times a block of
-  64 batch columns in registers, bias and ReLU fused. Where it cannot be built (no
-  compiler, another backend), ``'auto'`` skips it and says why in ``Exported.skipped``.
+  64 batch columns in registers, bias and ReLU fused; consecutive ``'csr'`` layers run as
+  one call (:func:`lottojax.native.csr_chain`). Where it cannot be built (no compiler,
+  another backend), ``'auto'`` skips it and says why in ``Exported.skipped``.
 
 Which format is fastest depends on the layer's shape, its density, the batch size and the
 machine: with ``formats='auto'`` every candidate is compiled for that layer's weights and a
 ``(batch_size, inputs)`` input and timed side by side with :func:`lottojax.timing.interleaved`
 (the layer's bias and ReLU included), and the fastest median wins. The timings are kept on
-the result (``Exported.measurements``), so a choice can be checked. A dict of layer path ->
-format forces choices (layers it leaves out, or maps to ``'auto'``, are measured).
+the result (``Exported.measurements``), so a choice can be checked. Layer timings need not
+compose, so ``'auto'`` then times the whole network with those choices against it with every
+measured layer dense, and every one ``'csr'``, and exports the fastest
+(``Exported.network_choice``). A dict of layer path -> format forces choices (layers it
+leaves out, or maps to ``'auto'``, are measured).
 
 Supported models (by registry name): ``'mlp'`` and ``'lenet300100'`` (every layer may be
 sparse), and ``'conv2'``, ``'conv4'``, ``'conv6'``, whose dense head (``fc{i}``, ``output``)
@@ -65,6 +69,9 @@ CONV_FORMATS: tuple[str, ...] = ("dense", "csr")
 
 #: Models :func:`export_inference` supports.
 SUPPORTED: tuple[str, ...] = ("mlp", "lenet300100", "conv2", "conv4", "conv6")
+
+#: Formats ``'auto'`` also times for every measured layer at once, against its per-layer choices.
+NETWORK_RIVALS: tuple[str, ...] = ("dense", "csr")
 
 #: ``batch * outputs * K`` up to which :func:`gather_matmul` runs as one fused gather and sum.
 FUSED_GATHER_LIMIT = 1 << 16
@@ -233,8 +240,9 @@ class Exported(NamedTuple):
       skipped: layer path -> candidate format -> why ``'auto'`` did not time it.
       network_seconds: the whole-network check of ``'auto'`` (``check_network``): median
         seconds per call of the network with the per-layer choices (``'chosen'``) and with
-        every layer dense (``'dense'``); empty when it did not run.
-      fallback: why the per-layer choices were dropped for dense layers ('' if they were not).
+        every measured layer in one format (``'dense'``, ``'csr'``: :data:`NETWORK_RIVALS`);
+        empty when it did not run.
+      network_choice: which of those networks was exported ('' when the check did not run).
     """
 
     name: str
@@ -246,7 +254,7 @@ class Exported(NamedTuple):
     conv_impl: str = "auto"
     skipped: dict = {}
     network_seconds: dict = {}
-    fallback: str = ""
+    network_choice: str = ""
 
     @property
     def formats(self) -> dict:
@@ -271,12 +279,30 @@ def _median(t) -> float:
     return t.median if isinstance(t, Timing) else float(t)
 
 
+def _steps(layers: tuple) -> list[tuple]:
+    """The layers grouped into steps of the forward pass: consecutive ``'csr'`` dense layers
+    form one step (one :func:`lottojax.native.csr_chain` call), every other layer its own."""
+    steps = []
+    for layer in layers:
+        _, kind, fmt, _, _ = layer
+        chained = (kind, fmt) == ("dense", "csr")
+        if chained and steps and steps[-1][-1][1:3] == ("dense", "csr"):
+            steps[-1] += (layer,)
+        else:
+            steps.append((layer,))
+    return steps
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(spec: tuple, weights: dict, x: jax.Array) -> jax.Array:
     conv_impl, layers = spec
-    for path, kind, fmt, relu, pool in layers:
+    for step in _steps(layers):
+        path, kind, fmt, relu, pool = step[0]
         if kind == "dense":
             x = x.reshape((x.shape[0], -1))
+        if len(step) > 1:
+            x = native.csr_chain(x, [weights[p] for p, *_ in step], relu=[r for _, _, _, r, _ in step])
+            continue
         x = _layer(kind, fmt, relu, conv_impl, weights[path], x)
         if pool:
             x = max_pool(x, 2, impl=conv_impl)
@@ -385,13 +411,13 @@ def _calls(fn: Callable[[], object], calls: int) -> None:
         jax.block_until_ready(fn())
 
 
-def _default_measure(repeats: int) -> Measure:
+def _default_measure(repeats: int, seconds_per_repeat: float = 1e-3) -> Measure:
     """Interleaved repeats, each calling a candidate often enough in a row (each call waiting
-    for its result) to take about a millisecond: one call of a small layer is tens of
-    microseconds, within the clock's and the dispatcher's jitter. Seconds per call."""
+    for its result) to take about ``seconds_per_repeat``: one call of a small layer is tens
+    of microseconds, within the clock's and the dispatcher's jitter. Seconds per call."""
     def measure(fns):
         once = interleaved(fns, repeats=1, warmup=1)
-        calls = max(1, min(1000, round(1e-3 / max(min(t.median for t in once.values()), 1e-7))))
+        calls = max(1, min(1000, round(seconds_per_repeat / max(min(t.median for t in once.values()), 1e-7))))
         timed = interleaved({f: functools.partial(_calls, fn, calls) for f, fn in fns.items()}, repeats=repeats,
                             warmup=0)
         return {f: t.median / calls for f, t in timed.items()}
@@ -447,7 +473,8 @@ def export_inference(name: str, params: PyTree, mask: Optional[PyTree] = None, m
         export once per batch size that matters).
       candidates: the formats ``'auto'`` chooses among.
       repeats: timed repeats per candidate (after a warm-up call), interleaved; each repeat
-        calls the layer enough times in a row to last about a millisecond.
+        calls the layer enough times in a row to last about a millisecond (a whole network
+        of ``check_network``: ten milliseconds).
       measure: replaces the timing: called once per measured layer with ``{format:
         zero-argument callable}`` (each runs the compiled layer once), it returns ``{format:
         Timing or seconds}``; the smallest median wins (ties: the earlier candidate); then
@@ -461,12 +488,13 @@ def export_inference(name: str, params: PyTree, mask: Optional[PyTree] = None, m
         convolutions' formats).
       seed: seeds the random inputs of the measurements.
       check_network: after choosing layer by layer, time the whole network with those choices
-        against it with every measured layer dense (``measure`` gets ``{'dense': ...,
-        'chosen': ...}``, each running the network compiled by :func:`compile_apply`) and
-        export the dense one if it is faster (``Exported.fallback`` says so): per-layer
-        timings need not compose. Runs when a measured layer chose a sparse format,
-        ``'dense'`` is a candidate and the input's shape is known (``input_shape=``; MLPs:
-        their first layer's inputs).
+        (``'chosen'``) against it with every measured layer in one format of
+        :data:`NETWORK_RIVALS` that is a candidate (``measure`` gets ``{'chosen': ...,
+        'dense': ..., 'csr': ...}``, each running the network compiled by
+        :func:`compile_apply`), and export the fastest (``Exported.network_choice``):
+        per-layer timings need not compose (layouts and caches change between layers,
+        consecutive ``'csr'`` layers run as one kernel call). Runs when the input's shape
+        is known (``input_shape=``; MLPs: their first layer's inputs).
       **model_kwargs: constructor arguments the full model was created with (e.g.
         ``conv_impl=``), as for :func:`lottojax.compact.compact`.
 
@@ -486,11 +514,11 @@ def export_inference(name: str, params: PyTree, mask: Optional[PyTree] = None, m
       >>> params, state = model.init(jax.random.key(0))
       >>> mask = jax.tree.map(lambda p: jax.random.uniform(jax.random.key(1), p.shape) < 0.2, params)
       >>> fake = {'dense': 3e-6, 'bcsr': 2e-6, 'bcoo': 5e-6, 'gather': 1e-6, 'csr': 4e-6,  # a fake clock
-      ...         'chosen': 2e-6}  # the whole network with the per-layer choices ('dense': all dense)
+      ...         'chosen': 2e-6}  # the whole network with the per-layer choices
       >>> exported = export_inference('lenet300100', params, mask, batch_size=1,
       ...                             measure=lambda fns: {f: Timing((fake[f],), (0.0,)) for f in fns})
-      >>> exported.formats, exported.network_seconds
-      ({'fc0': 'gather', 'fc1': 'gather', 'output': 'gather'}, {'dense': 3e-06, 'chosen': 2e-06})
+      >>> exported.formats, exported.network_choice
+      ({'fc0': 'gather', 'fc1': 'gather', 'output': 'gather'}, 'chosen')
       >>> x = jax.random.normal(jax.random.key(2), (3, 4, 4, 1))
       >>> masked, _ = model.apply(apply_mask(params, mask), state, x, False)
       >>> bool(jnp.allclose(exported(x), masked, atol=1e-5))
@@ -524,10 +552,12 @@ def export_inference(name: str, params: PyTree, mask: Optional[PyTree] = None, m
     candidates = tuple(c for c in candidates if c not in unavailable)
     if not candidates:
         raise ValueError(f"no candidate format is available here: {unavailable}; add another format to candidates")
+    # the whole-network check decides between a few networks once: it times them longer
+    network_measure = _default_measure(repeats, 1e-2) if measure is None else measure
     measure = _default_measure(repeats) if measure is None else measure
     conv_impl = small.model_kwargs.get("conv_impl", "auto")
 
-    layers, weights, measured_dense, measurements, skipped = [], {}, {}, {}, {}
+    layers, weights, measured_packs, measurements, skipped = [], {}, {}, {}, {}
     key = jax.random.key(seed)
     image = None if input_shape is None else tuple(input_shape)  # one example's input to the next convolution
     for i, (path, kind, relu, pool) in enumerate(layout):
@@ -544,6 +574,7 @@ def export_inference(name: str, params: PyTree, mask: Optional[PyTree] = None, m
             why = {**unavailable, **why}
             fmt = min(measurements[path], key=lambda c: _median(measurements[path][c]))  # min keeps the first of ties
             stored = packs[fmt]
+            measured_packs[path] = packs
         else:
             why = {c: "not measured: pass input_shape= to time convolutions" for c in options[1:]} \
                 if fmt == "auto" and example is None else {}
@@ -554,32 +585,39 @@ def export_inference(name: str, params: PyTree, mask: Optional[PyTree] = None, m
         if kind == "conv" and image is not None:
             image = (*(n // 2 if pool else n for n in image[:2]), kernel.shape[-1])
         weights[path] = stored
-        measured_dense[path] = _pack("dense", kernel, bias) if path in measurements else stored
         layers.append(ExportedLayer(path, kind, fmt, tuple(kernel.shape), nonzero, _bytes(stored), relu, pool))
     exported = Exported(name, tuple(layers), weights, measurements, small, int(batch_size), conv_impl, skipped)
-    dense = exported._replace(weights=measured_dense, layers=tuple(
-        l._replace(format="dense", bytes=_bytes(measured_dense[l.path])) if l.path in measurements else l for l in layers))
     first_path, first_kind, *_ = layout[0]
     one_input = tuple(input_shape) if input_shape is not None else \
         (np.shape(small.params[first_path]["kernel"])[0],) if first_kind == "dense" else None
-    if not check_network or "dense" not in candidates or exported.spec == dense.spec or one_input is None:
+    rivals = {fmt: _measured_layers_in(exported, measured_packs, fmt) for fmt in NETWORK_RIVALS if fmt in candidates}
+    rivals = {fmt: rival for fmt, rival in rivals.items() if rival.spec != exported.spec}
+    if not check_network or not rivals or one_input is None:
         return exported
-    return _check_network(exported, dense, (batch_size, *one_input), measure)
+    return _check_network(exported, rivals, (batch_size, *one_input), network_measure)
 
 
-def _check_network(exported: Exported, dense: Exported, input_shape: tuple, measure: Measure) -> Exported:
-    """Per-layer choices need not compose (a sparse layer may change the layouts or the cache
-    use of its neighbours): times the whole exported network against ``dense`` (its measured
-    layers dense), and keeps ``dense`` unless the choices are faster."""
+def _measured_layers_in(exported: Exported, packs: dict, fmt: str) -> Exported:
+    """``exported`` with every measured layer that timed ``fmt`` stored in ``fmt``."""
+    uses = lambda path: fmt in exported.measurements.get(path, {})
+    return exported._replace(
+        weights={path: packs[path][fmt] if uses(path) else w for path, w in exported.weights.items()},
+        layers=tuple(l._replace(format=fmt, bytes=_bytes(packs[l.path][fmt])) if uses(l.path) else l
+                     for l in exported.layers))
+
+
+def _check_network(exported: Exported, rivals: dict, input_shape: tuple, measure: Measure) -> Exported:
+    """Per-layer timings need not compose (a sparse layer changes the layouts and cache use
+    of its neighbours; consecutive ``'csr'`` layers run as one call): times the whole
+    exported network against each rival (format -> the network with its measured layers in
+    that format) and returns the fastest, the per-layer choices on a tie."""
     x = jax.random.normal(jax.random.key(0), input_shape, jnp.float32)
-    programs = {"dense": compile_apply(dense, input_shape), "chosen": compile_apply(exported, input_shape)}
-    timings = measure({name: functools.partial(program, x) for name, program in programs.items()})
-    seconds = {name: _median(timings[name]) for name in programs}
-    if seconds["dense"] < seconds["chosen"]:
-        why = (f"the per-layer choices {exported.formats} ran the whole network in {format_seconds(seconds['chosen'])}, "
-               f"every layer dense in {format_seconds(seconds['dense'])}: exported dense")
-        return dense._replace(network_seconds=seconds, fallback=why)
-    return exported._replace(network_seconds=seconds)
+    networks = {"chosen": exported, **rivals}
+    timings = measure({name: functools.partial(compile_apply(network, input_shape), x)
+                       for name, network in networks.items()})
+    seconds = {name: _median(timings[name]) for name in networks}
+    best = min(seconds, key=seconds.get)  # min keeps the first of ties: the per-layer choices
+    return networks[best]._replace(network_seconds=seconds, network_choice=best)
 
 
 def format_export(exported: Exported) -> str:
@@ -597,6 +635,7 @@ def format_export(exported: Exported) -> str:
         layer    kind   kernel        density  format        bytes  measured (median per call)
         fc0      dense  6x8            100.0%  bcsr            452  -
         output   dense  8x10           100.0%  dense           360  dense 1 µs*, bcsr 2 µs, bcoo 3 µs, gather 4 µs, csr 5 µs
+        whole network: per-layer choices 1 µs*, measured layers csr 2 µs
     """
     lines = [f"{exported.name} exported for batch {exported.batch_size}",
              f"  {'layer':<8} {'kind':<6} {'kernel':<12} {'density':>8}  {'format':<8} {'bytes':>10}  measured (median per call)"]
@@ -608,7 +647,7 @@ def format_export(exported: Exported) -> str:
         lines.append(f"  {layer.path:<8} {layer.kind:<6} {'x'.join(map(str, layer.shape)):<12} {layer.density:>8.1%}  "
                      f"{layer.format:<8} {layer.bytes:>10}  {measured}")
     if exported.network_seconds:
-        seconds = {k: format_seconds(v) for k, v in exported.network_seconds.items()}
-        lines.append(f"  whole network: per-layer choices {seconds['chosen']}, measured layers dense {seconds['dense']}"
-                     + (": exported dense" if exported.fallback else ""))
+        lines.append("  whole network: " + ", ".join(
+            f"{'per-layer choices' if name == 'chosen' else 'measured layers ' + name} {format_seconds(t)}"
+            f"{'*' if name == exported.network_choice else ''}" for name, t in exported.network_seconds.items()))
     return "\n".join(lines)

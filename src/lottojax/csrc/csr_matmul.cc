@@ -1,7 +1,8 @@
-// A sparse (CSR) weight matrix applied to shifted windows of a flat input, for XLA:CPU,
-// registered as the FFI target "lottojax_csr_matmul" by lottojax/native.py, which compiles
-// this file on first use. With G groups of C columns (attributes groups, columns) and a
-// group stride S (attribute group_stride):
+// Sparse (CSR) weight matrices for XLA:CPU, registered by lottojax/native.py (which compiles
+// this file on first use) as two FFI targets.
+//
+// "lottojax_csr_windows": one matrix applied to shifted windows of a flat input. With G
+// groups of C columns (attributes groups, columns) and a group stride S (group_stride):
 //
 //   y[o, g C + q] = act(bias[o] + sum_{k in row o} values[k] * x[g S + offsets[k] + q]),
 //
@@ -11,9 +12,11 @@
 //     offsets = channel H' W' + dy W' + dx, S = channels H' W', C = H' W', so column q is
 //     one pixel of the padded grid (the padding columns are computed and discarded).
 //
-// With the attribute row_major, a dense layer instead: x is (batch, inputs), offsets are
-// input indices, y is (batch, outputs), y = act(x @ W.T + bias); each block of 64 examples
-// is first copied feature-major, then computed as above.
+// "lottojax_csr_chain": a chain of dense layers, h_{l+1} = act_l(h_l @ W_l.T + bias_l), on a
+// row-major x = h_0 (batch, inputs), y (batch, outputs of the last layer); the layers come as
+// four buffers each (indptr, indices, values, bias), act_l is ReLU where bit l of relu_mask
+// is set. Each block of 64 examples is copied feature-major once, runs through every layer
+// feature-major (the activations stay in the thread's cache) and is copied back.
 //
 // Each stored weight adds w * x[... + q0 .. + kTile] to a block of kTile columns of its
 // output row, held in eight AVX registers: contiguous multiply-adds, no gathers, nothing
@@ -21,6 +24,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -94,11 +98,9 @@ void NarrowBlock(const Csr& w, const float* x, float* y, int64_t y_stride, int64
   }
 }
 
-struct Layout {
+struct Windows {
   int64_t groups, group_stride, columns;
   int64_t blocks() const { return (columns + kTile - 1) / kTile; }  // per group
-  bool row_major;          // a dense layer on x (batch, inputs): groups = blocks of kTile examples
-  int64_t batch, inputs;   // (row_major only)
 };
 
 // dst[c * dst_stride + r] = src[r * src_stride + c] for r < rows, c < cols: 8 x 8 tiles in
@@ -136,33 +138,10 @@ void Transpose(const float* src, int64_t src_stride, float* dst, int64_t dst_str
   }
 }
 
-// Block g of a row-major dense layer: examples [g kTile, g kTile + width). A full block is
-// copied feature-major (inputs, kTile), computed into an (outputs, kTile) tile and written
-// back example-major; a narrower one is computed example by example from x itself.
-void RowMajorBlock(const Csr& w, const float* x, float* y, const Layout& l, bool relu, int64_t g) {
-  const int64_t b0 = g * kTile, width = std::min(kTile, l.batch - b0);
-  if (width < kTile) {
-    for (int64_t b = b0; b < b0 + width; ++b) {
-      for (int64_t o = 0; o < w.outputs; ++o) y[b * w.outputs + o] = RowDot(w, o, x + b * l.inputs, relu);
-    }
-    return;
-  }
-  thread_local std::vector<float> packed, tile;
-  packed.resize(l.inputs * kTile);
-  tile.resize(w.outputs * kTile);
-  Transpose(x + b0 * l.inputs, l.inputs, packed.data(), kTile, kTile, l.inputs);
-  FullBlock(w, packed.data(), tile.data(), kTile, 0, w.outputs, relu, kTile);  // input i at i * kTile
-  Transpose(tile.data(), kTile, y + b0 * w.outputs, w.outputs, w.outputs, kTile);
-}
-
-// Work unit t of `units`: one block of columns of one group or, with a single group
-// narrower than a block, a slice of the output rows.
-void Unit(const Csr& w, const float* x, float* y, const Layout& l, bool relu, int64_t t,
-          int64_t units) {
-  if (l.row_major) {
-    RowMajorBlock(w, x, y, l, relu, t);
-    return;
-  }
+// Work unit t of `units` of a windows product: one block of columns of one group or, with
+// a single group narrower than a block, a slice of the output rows.
+void WindowsUnit(const Csr& w, const float* x, float* y, const Windows& l, bool relu, int64_t t,
+                 int64_t units) {
   const int64_t y_stride = l.groups * l.columns;
   if (l.groups == 1 && l.columns < kTile) {
     NarrowBlock(w, x, y, y_stride, l.columns, w.outputs * t / units, w.outputs * (t + 1) / units, relu);
@@ -179,76 +158,146 @@ void Unit(const Csr& w, const float* x, float* y, const Layout& l, bool relu, in
   }
 }
 
-// Claims work units until none is left (the caller and its helper threads share `next`).
-void Work(std::atomic<int64_t>& next, const Csr& w, const float* x, float* y, const Layout& l, bool relu,
-          int64_t units) {
-  for (int64_t t; (t = next.fetch_add(1)) < units;) Unit(w, x, y, l, relu, t, units);
+struct Layer {
+  Csr w;
+  bool relu;
+};
+
+// Block g of a chain: examples [g kTile, g kTile + width). A full block is copied
+// feature-major (inputs, kTile), computed layer by layer into (outputs, kTile) tiles and
+// written back example-major; a narrower one is computed example by example from x itself.
+void ChainBlock(const std::vector<Layer>& layers, const float* x, int64_t inputs, float* y,
+                int64_t batch, int64_t g) {
+  const int64_t b0 = g * kTile, width = std::min(kTile, batch - b0);
+  const int64_t outputs = layers.back().w.outputs;
+  thread_local std::vector<float> in, out;
+  if (width < kTile) {
+    for (int64_t b = b0; b < b0 + width; ++b) {
+      const float* h = x + b * inputs;
+      for (const Layer& l : layers) {
+        out.resize(l.w.outputs);
+        for (int64_t o = 0; o < l.w.outputs; ++o) out[o] = RowDot(l.w, o, h, l.relu);
+        std::swap(in, out);
+        h = in.data();
+      }
+      std::copy(h, h + outputs, y + b * outputs);
+    }
+    return;
+  }
+  in.resize(inputs * kTile);
+  Transpose(x + b0 * inputs, inputs, in.data(), kTile, kTile, inputs);
+  for (const Layer& l : layers) {
+    out.resize(l.w.outputs * kTile);
+    FullBlock(l.w, in.data(), out.data(), kTile, 0, l.w.outputs, l.relu, kTile);  // input i at i * kTile
+    std::swap(in, out);
+  }
+  Transpose(in.data(), kTile, y + b0 * outputs, outputs, outputs, kTile);
 }
 
-ffi::Error CsrMatmul(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> indptr,
-                     ffi::Buffer<ffi::S32> offsets, ffi::Buffer<ffi::F32> values,
-                     ffi::Buffer<ffi::F32> bias, bool relu, bool row_major, int64_t groups,
-                     int64_t group_stride, int64_t columns, ffi::ResultBuffer<ffi::F32> y) {
-  if (x.element_type() != ffi::F32 || y->dimensions().size() != 2 ||
-      (row_major && (x.dimensions().size() != 2 || x.dimensions()[0] != y->dimensions()[0]))) {
-    return ffi::Error::InvalidArgument(
-        "csr_matmul: x must be float32, y 2-D; row_major: x (batch, inputs) and y (batch, outputs)");
-  }
-  if (row_major) {  // the blocks of examples
-    const int64_t batch = x.dimensions()[0];
-    groups = std::max<int64_t>((batch + kTile - 1) / kTile, 1);
-    group_stride = 0;
-    columns = kTile;
-  } else if (groups < 1 || columns < 0 || y->dimensions()[1] != groups * columns) {
-    return ffi::Error::InvalidArgument("csr_matmul: y must be (outputs, groups * columns), groups >= 1");
-  }
-  const Layout l{groups, group_stride, columns, row_major, x.dimensions()[0],
-                 row_major ? x.dimensions()[1] : 0};
+// Runs unit(t) for t < units, spread over the CPU's cores when `work` (multiply-adds and
+// stores) is worth a thread's start (tens of microseconds): threads of its own, since
+// taking XLA's intra-op pool as a context costs several microseconds on every call, as much
+// as a whole batch-1 layer.
+template <typename Unit>
+void Parallel(int64_t units, int64_t work, const Unit& unit) {
+  const int64_t helpers = work < (1 << 20) ? 0
+                          : std::min<int64_t>(std::thread::hardware_concurrency() - 1, units - 1);
+  std::atomic<int64_t> next{0};
+  const auto claim = [&] {
+    for (int64_t t; (t = next.fetch_add(1)) < units;) unit(t);
+  };
+  std::vector<std::thread> threads;
+  for (int64_t h = 0; h < helpers; ++h) threads.emplace_back(claim);
+  claim();
+  for (auto& thread : threads) thread.join();
+}
+
+// The CSR matrix in these buffers, checked (branch-free: the checks vectorize, a few hundred
+// ns per call): indptr runs from 0 to the number of values without decreasing, bias has one
+// entry per output, and every offset k satisfies 0 <= offsets[k] < limit.
+ffi::ErrorOr<Csr> CheckedCsr(ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> offsets,
+                             ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::F32> bias, int64_t limit,
+                             const char* what) {
   const Csr w{indptr.typed_data(), offsets.typed_data(), values.typed_data(), bias.typed_data(),
-              y->dimensions()[row_major ? 1 : 0]};
+              static_cast<int64_t>(indptr.element_count()) - 1};
   const int64_t nnz = values.element_count();
-  if (indptr.element_count() != w.outputs + 1 || bias.element_count() != w.outputs ||
-      offsets.element_count() != nnz || w.indptr[0] != 0 || w.indptr[w.outputs] != nnz) {
-    return ffi::Error::InvalidArgument(
-        "csr_matmul: indptr must have outputs + 1 entries from 0 to the number of values, bias outputs");
+  if (w.outputs < 0 || bias.element_count() != w.outputs || offsets.element_count() != nnz ||
+      w.indptr[0] != 0 || w.indptr[w.outputs] != nnz) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "csr: indptr must have outputs + 1 entries from 0 to the number of values, bias outputs"));
   }
-  bool decreases = false;  // branch-free checks: they vectorize, a few hundred ns per call
+  bool decreases = false;
   for (int64_t o = 0; o < w.outputs; ++o) decreases |= w.indptr[o] > w.indptr[o + 1];
-  if (decreases) return ffi::Error::InvalidArgument("csr_matmul: indptr decreases");
-  const int64_t last = (groups - 1) * group_stride + columns;  // reads reach offset + last
-  const int64_t limit = row_major ? l.inputs : static_cast<int64_t>(x.element_count()) - last + 1;
+  if (decreases) return ffi::Unexpected(ffi::Error::InvalidArgument("csr: indptr decreases"));
   int32_t lowest = 0, highest = 0;
   for (int64_t k = 0; k < nnz; ++k) {
     lowest = std::min(lowest, w.offsets[k]);
     highest = std::max(highest, w.offsets[k]);
   }
   if (lowest < 0 || (nnz > 0 && highest >= limit)) {
-    return ffi::Error::InvalidArgument("csr_matmul: an offset (row_major: an input index) reads outside x");
+    return ffi::Unexpected(ffi::Error::InvalidArgument(std::string("csr: ") + what));
   }
-  const int64_t work = groups * columns * (nnz + w.outputs);  // multiply-adds and stores
-  const int64_t units = row_major                         ? groups
-                        : groups == 1 && columns < kTile ? std::min<int64_t>(w.outputs, 64)
-                                                          : groups * l.blocks();
-  // Threads of its own, and only for work worth a thread's start (tens of microseconds):
-  // taking XLA's intra-op pool as a context costs several microseconds on every call,
-  // as much as a whole batch-1 layer.
-  const int64_t helpers = work < (1 << 20) ? 0
-                          : std::min<int64_t>(std::thread::hardware_concurrency() - 1, units - 1);
-  std::atomic<int64_t> next{0};
+  return w;
+}
+
+ffi::Error CsrWindows(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> indptr, ffi::Buffer<ffi::S32> offsets,
+                      ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::F32> bias, bool relu, int64_t groups,
+                      int64_t group_stride, int64_t columns, ffi::ResultBuffer<ffi::F32> y) {
+  if (x.element_type() != ffi::F32 || y->dimensions().size() != 2 || groups < 1 || columns < 0 ||
+      y->dimensions()[1] != groups * columns || y->dimensions()[0] + 1 != indptr.element_count()) {
+    return ffi::Error::InvalidArgument(
+        "csr_windows: x must be float32, y (outputs, groups * columns), groups >= 1");
+  }
+  const Windows l{groups, group_stride, columns};
+  const int64_t last = (groups - 1) * group_stride + columns;  // reads reach offset + last
+  const auto w = CheckedCsr(indptr, offsets, values, bias, static_cast<int64_t>(x.element_count()) - last + 1,
+                            "an offset reads outside x");
+  if (w.has_error()) return w.error();
+  const int64_t units = groups == 1 && columns < kTile ? std::min<int64_t>(w->outputs, 64) : groups * l.blocks();
   const float* in = x.typed_data<float>();
   float* out = y->typed_data();
-  std::vector<std::thread> threads;
-  for (int64_t h = 0; h < helpers; ++h) {
-    threads.emplace_back([&] { Work(next, w, in, out, l, relu, units); });
+  Parallel(units, groups * columns * (values.element_count() + w->outputs),
+           [&](int64_t t) { WindowsUnit(*w, in, out, l, relu, t, units); });
+  return ffi::Error::Success();
+}
+
+ffi::Error CsrChain(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs layer_buffers, int64_t relu_mask,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  if (x.dimensions().size() != 2 || y->dimensions().size() != 2 || x.dimensions()[0] != y->dimensions()[0] ||
+      layer_buffers.size() % 4 != 0 || layer_buffers.empty()) {
+    return ffi::Error::InvalidArgument(
+        "csr_chain: x (batch, inputs), y (batch, outputs), four buffers per layer");
   }
-  Work(next, w, in, out, l, relu, units);
-  for (auto& thread : threads) thread.join();
+  const int64_t batch = x.dimensions()[0], inputs = x.dimensions()[1];
+  std::vector<Layer> layers;
+  int64_t width = inputs, work = 0;
+  for (size_t i = 0; i < layer_buffers.size(); i += 4) {
+    const auto indptr = layer_buffers.get<ffi::Buffer<ffi::S32>>(i);
+    const auto indices = layer_buffers.get<ffi::Buffer<ffi::S32>>(i + 1);
+    const auto values = layer_buffers.get<ffi::Buffer<ffi::F32>>(i + 2);
+    const auto bias = layer_buffers.get<ffi::Buffer<ffi::F32>>(i + 3);
+    if (indptr.has_error() || indices.has_error() || values.has_error() || bias.has_error()) {
+      return ffi::Error::InvalidArgument("csr_chain: each layer is indptr, indices (int32), values, bias (float32)");
+    }
+    const auto w = CheckedCsr(*indptr, *indices, *values, *bias, width, "an input index reads outside x");
+    if (w.has_error()) return w.error();
+    layers.push_back({*w, ((relu_mask >> (i / 4)) & 1) != 0});
+    width = w->outputs;
+    work += batch * (values->element_count() + w->outputs);
+  }
+  if (y->dimensions()[1] != width) {
+    return ffi::Error::InvalidArgument("csr_chain: y must have the last layer's outputs");
+  }
+  const float* in = x.typed_data();
+  float* out = y->typed_data();
+  Parallel(std::max<int64_t>((batch + kTile - 1) / kTile, 1), work,
+           [&](int64_t g) { ChainBlock(layers, in, inputs, out, batch, g); });
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LottojaxCsrMatmul, CsrMatmul,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LottojaxCsrWindows, CsrWindows,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()          // x, read flat
                                   .Arg<ffi::Buffer<ffi::S32>>()   // indptr
@@ -256,8 +305,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LottojaxCsrMatmul, CsrMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // values
                                   .Arg<ffi::Buffer<ffi::F32>>()   // bias
                                   .Attr<bool>("relu")
-                                  .Attr<bool>("row_major")
                                   .Attr<int64_t>("groups")
                                   .Attr<int64_t>("group_stride")
                                   .Attr<int64_t>("columns")
                                   .Ret<ffi::Buffer<ffi::F32>>()); // y
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LottojaxCsrChain, CsrChain,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x (batch, inputs)
+                                  .RemainingArgs()                // per layer: indptr, indices, values, bias
+                                  .Attr<int64_t>("relu_mask")
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // y (batch, outputs)
