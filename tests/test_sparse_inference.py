@@ -146,7 +146,7 @@ def test_auto_exports_the_network_that_runs_fastest_as_a_whole(network_faster):
         return {fmt: 1.0 if fmt == "gather" else 2.0 for fmt in fns}
 
     if network_faster in FORMATS and network_faster not in AVAILABLE:
-        pytest.skip(f"{network_faster} is not available here")
+        pytest.skip(f"the {network_faster!r} network needs the native kernel: {native.unavailable_reason()}")
     exported = export_inference("lenet300100", params, mask, batch_size=3, measure=measure, formats={"fc1": "bcoo"})
     rivals = [f for f in NETWORK_RIVALS if f in AVAILABLE]
     assert ran == [(name, (3, 5)) for name in ["chosen", *rivals]]  # each ran the whole network at the batch size

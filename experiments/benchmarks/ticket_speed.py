@@ -209,12 +209,12 @@ def bench_inference(name, model, state, tickets, args) -> tuple[list, list]:
                 paired_interval_95=main.paired_interval, pays=verdict(pays),
                 target=None if not low else f">= {TARGET_SPEEDUP}x: {main.verdict}",
                 formats=exported.formats, skipped=exported.skipped,
-                auto_seconds=exported.seconds, network_seconds=exported.network_seconds, network_choice=exported.network_choice,
-                max_logit_diff=diffs,
+                auto_seconds=exported.seconds, network_seconds=exported.network_seconds,
+                network_choice=exported.network_choice, max_logit_diff=diffs,
                 compacted_params=int(sum(p.size for p in jax.tree.leaves(small.params))),
                 comparison=main.as_dict()))
-            print(f"  {title}: fastest {fastest}, speedup {main.ratio:.2f}x, formats {exported.formats}"
-                  + f" (whole network: {exported.network_choice})", flush=True)
+            print(f"  {title}: fastest {fastest}, speedup {main.ratio:.2f}x, formats {exported.formats} "
+                  f"(whole network: {exported.network_choice})", flush=True)
     return comparisons, rows
 
 

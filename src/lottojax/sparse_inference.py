@@ -282,11 +282,10 @@ def _median(t) -> float:
 def _steps(layers: tuple) -> list[tuple]:
     """The layers grouped into steps of the forward pass: consecutive ``'csr'`` dense layers
     form one step (one :func:`lottojax.native.csr_chain` call), every other layer its own."""
+    chained = lambda layer: layer[1:3] == ("dense", "csr")  # (path, kind, format, relu, pool)
     steps = []
     for layer in layers:
-        _, kind, fmt, _, _ = layer
-        chained = (kind, fmt) == ("dense", "csr")
-        if chained and steps and steps[-1][-1][1:3] == ("dense", "csr"):
+        if chained(layer) and steps and chained(steps[-1][-1]):
             steps[-1] += (layer,)
         else:
             steps.append((layer,))
